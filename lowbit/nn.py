@@ -1,0 +1,74 @@
+"""Flax NNX building blocks that models are written with.
+
+Motivation: compression replaces leaves of the parameter state (a weight array becomes a
+quantized tensor or a low-rank factor pair at the same path), so model code must not care
+which leaf it holds. These blocks dispatch on the leaf type at call time; today the only
+leaf type is a dense array, and every other type is refused with a clear error until the
+format that brings it registers its matmul in `_LINEAR_IMPLS`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Leaf type -> function(x [..., in], weight) -> [..., out]. Formats register themselves here.
+_LINEAR_IMPLS: dict[type, Callable[[jax.Array, object], jax.Array]] = {}
+
+
+def register_linear_impl(leaf_type: type, impl: Callable[[jax.Array, object], jax.Array]):
+  """Lets a weight format (QTensor, low-rank pair) serve `Linear` without touching models."""
+  _LINEAR_IMPLS[leaf_type] = impl
+
+
+def linear(x: jax.Array, weight) -> jax.Array:
+  """x [..., in] times weight [out, in] (contraction axis minor) -> [..., out]."""
+  if isinstance(weight, (jax.Array, jax.ShapeDtypeStruct)) or hasattr(weight, "__array__"):
+    # dot_general contracting the minor axis of both operands: the "NT" layout that
+    # XLA's int8/fp8 GEMMs need too, so dense and quantized weights share one layout.
+    return jax.lax.dot_general(x, weight, (((x.ndim - 1,), (1,)), ((), ())))
+  impl = _LINEAR_IMPLS.get(type(weight))
+  if impl is None:
+    raise TypeError(f"Linear has no implementation for a weight of type {type(weight).__name__}")
+  return impl(x, weight)
+
+
+def _normal_init(key, shape, dtype, fan_in):
+  # Random (never zero) weights for benchmarks and fresh models; real weights are loaded.
+  return (jax.random.normal(key, shape, jnp.float32) * fan_in**-0.5).astype(dtype)
+
+
+class Linear(nnx.Module):
+  """y = x @ weight.T + bias, with `weight` stored [out_features, in_features]."""
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    self.in_features = in_features
+    self.out_features = out_features
+    self.weight = nnx.Param(
+        _normal_init(rngs.params(), (out_features, in_features), dtype, in_features))
+    self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = linear(x, self.weight.get_value())
+    if self.bias is not None:
+      y = y + self.bias.get_value().astype(y.dtype)
+    return y
+
+
+class Embed(nnx.Module):
+  """Token embedding table [V, D]; `attend` reuses it as a tied output head."""
+
+  def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.embedding = nnx.Param(
+        _normal_init(rngs.params(), (num_embeddings, features), dtype, 1))
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding.get_value(), tokens, axis=0)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    return linear(x, self.embedding.get_value())

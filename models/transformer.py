@@ -1,0 +1,190 @@
+"""One decoder-only transformer for Llama 2/3, Qwen2, Mistral and Gemma 3.
+
+The architectures share attention and MLP code; `ModelConfig` switches select biases, norm
+style, q/k norms, sandwich norms, sliding windows and the activation. Linear layers, the
+embedding and the KV cache are `lowbit` building blocks, so compression only replaces
+leaves of the parameter state and this file never changes for it.
+
+Parameter paths (stable under every transform): embed.embedding, layers.{i}.input_norm.scale,
+layers.{i}.attn.{q,k,v,o}_proj.{weight,bias}, layers.{i}.attn.{q,k}_norm.scale,
+layers.{i}.post_attn_norm.scale, layers.{i}.pre_mlp_norm.scale, layers.{i}.post_mlp_norm.scale,
+layers.{i}.mlp.{gate,up,down}_proj.weight, final_norm.scale, lm_head.weight.
+Einsum letters: see models/config.py.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lowbit.attention import attention_mask, gqa_attention
+from lowbit.kv_cache import DenseKVCache
+from lowbit.nn import Embed, Linear
+from models.config import ModelConfig
+from models.rope import apply_rope, inverse_frequencies
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in float32; Gemma scales by (1 + w), the others by w."""
+
+  def __init__(self, dim: int, *, eps: float, plus_one: bool, dtype=jnp.float32):
+    self.eps = eps
+    self.plus_one = plus_one
+    init = jnp.zeros if plus_one else jnp.ones
+    self.scale = nnx.Param(init((dim,), dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    scale = self.scale.get_value()
+    if self.plus_one:
+      return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+    # Llama casts back to the input dtype before the scale, as transformers does.
+    return scale * normed.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, config: ModelConfig, layer_index: int, *, dtype, rngs: nnx.Rngs):
+    c = config
+    self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+    self.scale = c.attention_scale
+    self.logit_softcap = c.attn_logit_softcap
+    sliding = c.layer_types[layer_index] == "sliding"
+    self.sliding_window = c.sliding_window if sliding else None
+    # Gemma 3's sliding layers use their own RoPE base and no scaling.
+    if sliding and c.rope_local_theta is not None:
+      self.rope = (c.rope_local_theta, None)
+    else:
+      self.rope = (c.rope_theta, c.rope_scaling)
+    kw = dict(dtype=dtype, rngs=rngs)
+    self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, use_bias=c.attention_bias, **kw)
+    self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.attention_bias,
+                         **kw)
+    self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.attention_bias,
+                         **kw)
+    self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, **kw)
+    if c.qk_norm:
+      norm = dict(eps=c.rms_norm_eps, plus_one=c.norm_plus_one, dtype=dtype)
+      self.q_norm = RMSNorm(c.head_dim, **norm)
+      self.k_norm = RMSNorm(c.head_dim, **norm)
+    else:
+      self.q_norm = self.k_norm = None
+
+  def __call__(self, x: jax.Array, positions: jax.Array, cache: DenseKVCache | None,
+               prefill: bool) -> tuple[jax.Array, DenseKVCache | None]:
+    """x [B, T, D], positions [T] (consecutive) -> ([B, T, D], updated cache).
+
+    Without a cache, or when `prefill` fills an empty cache from position 0, attention runs
+    over the new keys only; otherwise over every cache slot, masked by position.
+    """
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    inv_freq = inverse_frequencies(self.head_dim, *self.rope)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    if cache is not None:
+      cache = cache.write(k, v, positions[0])
+      if not prefill:
+        k, v = cache.read()
+    k_positions = positions if cache is None or prefill else jnp.arange(k.shape[1])
+    mask = attention_mask(positions, k_positions, self.sliding_window)
+    out = gqa_attention(q, k, v, mask, scale=self.scale, logit_softcap=self.logit_softcap)
+    return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, rngs=rngs)
+    self.activation = config.mlp_activation
+    self.gate_proj = Linear(config.hidden_size, config.intermediate_size, **kw)
+    self.up_proj = Linear(config.hidden_size, config.intermediate_size, **kw)
+    self.down_proj = Linear(config.intermediate_size, config.hidden_size, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    gate = self.gate_proj(x)
+    if self.activation == "silu":
+      gate = jax.nn.silu(gate)
+    else:
+      gate = jax.nn.gelu(gate, approximate=True)
+    return self.down_proj(gate * self.up_proj(x))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, config: ModelConfig, layer_index: int, *, dtype, rngs: nnx.Rngs):
+    norm = dict(eps=config.rms_norm_eps, plus_one=config.norm_plus_one, dtype=dtype)
+    d = config.hidden_size
+    self.input_norm = RMSNorm(d, **norm)
+    self.attn = Attention(config, layer_index, dtype=dtype, rngs=rngs)
+    self.pre_mlp_norm = RMSNorm(d, **norm)
+    self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+    if config.sandwich_norms:
+      self.post_attn_norm = RMSNorm(d, **norm)
+      self.post_mlp_norm = RMSNorm(d, **norm)
+    else:
+      self.post_attn_norm = self.post_mlp_norm = None
+
+  def __call__(self, x, positions, cache, prefill):
+    h, cache = self.attn(self.input_norm(x), positions, cache, prefill)
+    if self.post_attn_norm is not None:
+      h = self.post_attn_norm(h)
+    x = x + h
+    h = self.mlp(self.pre_mlp_norm(x))
+    if self.post_mlp_norm is not None:
+      h = self.post_mlp_norm(h)
+    return x + h, cache
+
+
+class DecoderLM(nnx.Module):
+  """tokens [B, T] -> logits [B, T, V] (float32), optionally reading/writing a KV cache."""
+
+  def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.config = config
+    self.dtype = dtype
+    self.embed = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
+    self.layers = nnx.List(
+        [Block(config, i, dtype=dtype, rngs=rngs) for i in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps,
+                              plus_one=config.norm_plus_one, dtype=dtype)
+    self.lm_head = (None if config.tie_word_embeddings else
+                    Linear(config.hidden_size, config.vocab_size, dtype=dtype, rngs=rngs))
+
+  def init_cache(self, batch: int, max_len: int) -> tuple[DenseKVCache, ...]:
+    c = self.config
+    return tuple(DenseKVCache.zeros(batch, max_len, c.num_kv_heads, c.head_dim, self.dtype)
+                 for _ in range(c.num_layers))
+
+  def hidden_states(self, tokens: jax.Array, *, start=0, cache=None, prefill: bool = False):
+    """tokens [B, T] at positions start.. -> (final-normed hidden [B, T, D], cache)."""
+    positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    x = self.embed(tokens)
+    if self.config.scale_embeddings:
+      x = x * jnp.asarray(self.config.hidden_size**0.5, x.dtype)
+    new_cache = []
+    for i, layer in enumerate(self.layers):
+      x, layer_cache = layer(x, positions, None if cache is None else cache[i], prefill)
+      new_cache.append(layer_cache)
+    return self.final_norm(x), (None if cache is None else tuple(new_cache))
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """hidden [..., D] -> float32 logits [..., V]."""
+    if self.lm_head is None:
+      out = self.embed.attend(hidden)
+    else:
+      out = self.lm_head(hidden)
+    out = out.astype(jnp.float32)
+    cap = self.config.final_logit_softcap
+    if cap is not None:
+      out = jnp.tanh(out / cap) * cap
+    return out
+
+  def __call__(self, tokens: jax.Array, *, start=0, cache=None, prefill: bool = False):
+    hidden, cache = self.hidden_states(tokens, start=start, cache=cache, prefill=prefill)
+    return self.logits(hidden), cache
