@@ -58,8 +58,9 @@ def sample_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.
 def _prefill(graphdef, state, tokens, cache):
   """tokens [B, T] into an empty cache -> (last-position logits [B, V], cache)."""
   model = nnx.merge(graphdef, state)
-  logits, cache = model(tokens, cache=cache, prefill=True)
-  return logits[:, -1], cache
+  # Only the last position's logits are needed: skip the head for the others.
+  hidden, cache = model.hidden_states(tokens, cache=cache, prefill=True)
+  return model.logits(hidden[:, -1]), cache
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(3,))

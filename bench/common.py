@@ -1,0 +1,191 @@
+"""Shared helpers for benchmarks: timing, hardware ceilings, and result lines.
+
+Every benchmark writes one JSON object per measurement to `bench/results/<name>.jsonl` in the
+format DESIGN.md fixes ("Results the repository keeps"): bench, case, impl, baseline_impl,
+card, jax_version, median_ms, baseline_median_ms, ratio_vs_baseline (baseline / ours),
+fraction_of_ceiling, ceiling, date, commit, plus whatever the benchmark adds.
+
+Timing follows the device method (METHOD.md): warm up, block on the result, take the median
+of many samples; never time zeros (random inputs everywhere).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+# Vendor datasheet figures, for the hardware rows only (the ceilings used everywhere else
+# are measured): (substring of device_kind, HBM bytes/s, dense bf16 FLOP/s).
+_DATASHEET = (
+    ("H200", 4.8e12, 989e12),
+    ("H100", 3.35e12, 989e12),
+)
+
+
+def datasheet(card: str) -> tuple[float, float] | None:
+  """(HBM bytes/s, bf16 FLOP/s) from the vendor's datasheet, or None for an unknown card."""
+  for key, bandwidth, flops in _DATASHEET:
+    if key in card:
+      return bandwidth, flops
+  return None
+
+
+def card_name() -> str:
+  """The first device as it names itself (e.g. 'NVIDIA H100 80GB HBM3')."""
+  return jax.devices()[0].device_kind
+
+
+def git_commit() -> str:
+  """LOWBIT_COMMIT if set, else `git rev-parse HEAD`, else 'uncommitted'."""
+  if os.environ.get("LOWBIT_COMMIT"):
+    return os.environ["LOWBIT_COMMIT"]
+  try:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    return out.stdout.strip() or "uncommitted"
+  except (OSError, subprocess.CalledProcessError):
+    return "uncommitted"
+
+
+def block(tree: Any) -> Any:
+  """Waits for every array in `tree`."""
+  return jax.block_until_ready(tree)
+
+
+def time_calls(fn: Callable[[], Any], *, warmup: int = 2, iters: int = 10,
+               inner: int = 1) -> list[float]:
+  """Milliseconds per call of `fn()`, one sample per `inner` back-to-back calls.
+
+  Each sample dispatches `inner` calls and blocks on the last result (host clock around it),
+  so `inner` > 1 hides the per-call dispatch for short calls. The first `warmup` samples
+  (compilation included) are dropped.
+  """
+  for _ in range(warmup):
+    block(fn())
+  samples = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    out = None
+    for _ in range(inner):
+      out = fn()
+    block(out)
+    samples.append((time.perf_counter() - start) * 1e3 / inner)
+  return samples
+
+
+def median(samples: list[float]) -> float:
+  return float(statistics.median(samples))
+
+
+def spread(samples: list[float]) -> float:
+  """(max - min) / median: the run-to-run spread to compare differences against."""
+  m = statistics.median(samples)
+  return float((max(samples) - min(samples)) / m) if m else 0.0
+
+
+def measure_hbm_bandwidth(nbytes: int = 2 << 30, *, iters: int = 30) -> dict:
+  """Device-to-device copy of an `nbytes` bf16 array: (bytes read + written) / median time."""
+  n = nbytes // 2
+  keys = jax.random.split(jax.random.key(1), 2)
+  # Two source buffers, alternated, each far larger than L2.
+  srcs = [jax.random.normal(k, (n,), jnp.bfloat16) for k in keys]
+  copy = jax.jit(lambda x: jnp.copy(x))
+  state = {"i": 0}
+
+  def call():
+    state["i"] += 1
+    return copy(srcs[state["i"] % 2])
+
+  # A long warm-up: the clocks ramp up from idle (seen: 14% spread with 3 warm-ups).
+  samples = time_calls(call, warmup=100, iters=iters, inner=5)
+  ms = median(samples)
+  return {"bytes_moved": 2 * n * 2, "median_ms": ms, "spread": spread(samples),
+          "bytes_per_s": 2 * n * 2 / (ms * 1e-3),
+          "best_bytes_per_s": 2 * n * 2 / (min(samples) * 1e-3)}
+
+
+def measure_read_bandwidth(nbytes: int = 2 << 30, *, iters: int = 30) -> dict:
+  """Read-only bandwidth: a float32-accumulated sum of an `nbytes` bf16 array.
+
+  A GEMV reads its weight and writes almost nothing, and reads stream faster than a copy's
+  mix of reads and writes; this is the tighter ceiling for decode.
+  """
+  n = nbytes // 2
+  keys = jax.random.split(jax.random.key(3), 2)
+  srcs = [jax.random.normal(k, (n,), jnp.bfloat16) for k in keys]
+  total = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
+  state = {"i": 0}
+
+  def call():
+    state["i"] += 1
+    return total(srcs[state["i"] % 2])
+
+  samples = time_calls(call, warmup=100, iters=iters, inner=5)
+  ms = median(samples)
+  return {"bytes_moved": n * 2, "median_ms": ms, "spread": spread(samples),
+          "bytes_per_s": n * 2 / (ms * 1e-3), "best_bytes_per_s": n * 2 / (min(samples) * 1e-3)}
+
+
+def measure_matmul_rate(n: int = 8192, *, iters: int = 30) -> dict:
+  """bf16 [n, n] @ [n, n] on random data: 2 n^3 / median time."""
+  keys = jax.random.split(jax.random.key(2), 4)
+  mats = [jax.random.normal(k, (n, n), jnp.bfloat16) for k in keys]
+  matmul = jax.jit(lambda a, b: a @ b)
+  state = {"i": 0}
+
+  def call():
+    state["i"] += 1
+    i = state["i"] % 2
+    return matmul(mats[2 * i], mats[2 * i + 1])
+
+  samples = time_calls(call, warmup=100, iters=iters, inner=5)
+  ms = median(samples)
+  return {"n": n, "median_ms": ms, "spread": spread(samples),
+          "flops_per_s": 2 * n**3 / (ms * 1e-3),
+          "best_flops_per_s": 2 * n**3 / (min(samples) * 1e-3)}
+
+
+class ResultWriter:
+  """Appends DESIGN.md result lines to a JSONL file, one per `add`, flushed at once."""
+
+  def __init__(self, path: str, bench: str, *, card: str | None = None,
+               commit: str | None = None):
+    self.path = path
+    self.bench = bench
+    self.card = card or card_name()
+    self.commit = commit or git_commit()
+    self.rows: list[dict] = []
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+  def add(self, *, case: dict, impl: str, baseline_impl: str, median_ms: float,
+          baseline_median_ms: float, fraction_of_ceiling: float | None, ceiling: str,
+          **extra) -> dict:
+    row = {
+        "bench": self.bench,
+        "case": case,
+        "impl": impl,
+        "baseline_impl": baseline_impl,
+        "card": self.card,
+        "jax_version": jax.__version__,
+        "median_ms": round(median_ms, 4),
+        "baseline_median_ms": round(baseline_median_ms, 4),
+        "ratio_vs_baseline": round(baseline_median_ms / median_ms, 4),
+        "fraction_of_ceiling": (None if fraction_of_ceiling is None
+                                else round(fraction_of_ceiling, 4)),
+        "ceiling": ceiling,
+        "date": datetime.date.today().isoformat(),
+        "commit": self.commit,
+        **extra,
+    }
+    self.rows.append(row)
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    return row
