@@ -49,3 +49,22 @@ def from_params(config: ModelConfig, params: Mapping[str, np.ndarray], *,
 
 def _name(path) -> str:
   return ".".join(str(part) for part in path)
+
+
+def load_pretrained(name_or_path: str, *, dtype=jnp.float32):
+  """(model, tokenizer) from a known name, a .gguf file or a Hugging Face folder."""
+  from models import hub
+  from models.gguf_import import load_gguf
+  from models.safetensors_import import load_hf_folder
+  from models.tokenizer import Tokenizer
+
+  path = hub.resolve_model(name_or_path)
+  if path.is_dir():
+    config, params, tokenizer_folder = load_hf_folder(path)
+    if tokenizer_folder is None:
+      raise ValueError(f"{path}: no tokenizer.json, so the model cannot read text")
+    tokenizer = Tokenizer.from_hf_folder(tokenizer_folder)
+  else:
+    config, params, metadata = load_gguf(path)
+    tokenizer = Tokenizer.from_gguf_metadata(metadata)
+  return from_params(config, params, dtype=dtype), tokenizer
