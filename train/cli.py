@@ -135,10 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  from models.hub import ModelFetchError
   args = build_parser().parse_args(argv)
   try:
     return args.func(args)
-  except (ValueError, FileNotFoundError, ConnectionError) as error:
+  except (ValueError, FileNotFoundError, ModelFetchError) as error:
     print(f"lowbit {args.command}: error: {error}", file=sys.stderr)
     return 2
 
