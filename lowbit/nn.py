@@ -2,9 +2,9 @@
 
 Motivation: compression replaces leaves of the parameter state (a weight array becomes a
 quantized tensor or a low-rank factor pair at the same path), so model code must not care
-which leaf it holds. These blocks dispatch on the leaf type at call time; today the only
-leaf type is a dense array, and every other type is refused with a clear error until the
-format that brings it registers its matmul in `_LINEAR_IMPLS`.
+which leaf it holds. These blocks dispatch on the leaf type at call time: a dense array,
+or a type registered in `_LINEAR_IMPLS` (`QTensor`: `qtensor_linear`); any other type is
+refused with a clear error.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from lowbit.qtensor import QTensor, dequantize
+from lowbit.quantize import fake_quantize
 
 # Leaf type -> function(x [..., in], weight) -> [..., out]. Formats register themselves here.
 _LINEAR_IMPLS: dict[type, Callable[[jax.Array, object], jax.Array]] = {}
@@ -34,6 +37,34 @@ def linear(x: jax.Array, weight) -> jax.Array:
   if impl is None:
     raise TypeError(f"Linear has no implementation for a weight of type {type(weight).__name__}")
   return impl(x, weight)
+
+
+def qtensor_linear(x: jax.Array, q: QTensor) -> jax.Array:
+  """x [..., in] times a QTensor [out, in] -> [..., out]: the one place where a QTensor
+  matmul is chosen (the quantized kernels of `pallas_kernels` plug in here).
+
+  Reference: the weight is dequantized in the original channel order and multiplied as a
+  dense weight, so the result is exactly that of the fake-quantized float model; the
+  activation quantizer the QTensor names is simulated first, in the stored channel order.
+  """
+  if q.act_quant is not None:
+    x = _fake_quantize_input(x, q)
+  return linear(x, dequantize(q))
+
+
+def _fake_quantize_input(x, q):
+  """x [..., K] on the grid of q.act_quant (see lowbit.qtensor), back in the original order."""
+  if q.act_quant == "int8_token":
+    return fake_quantize(x, bits=8)
+  if q.perm is not None:
+    x = x[..., q.perm]
+  x = fake_quantize(x, bits=4, group_size=q.group_size, num_outliers=q.num_outliers)
+  if q.perm is not None:
+    x = jnp.zeros_like(x).at[..., q.perm].set(x)
+  return x
+
+
+register_linear_impl(QTensor, qtensor_linear)
 
 
 def _normal_init(key, shape, dtype, fan_in):
