@@ -1,0 +1,518 @@
+"""Quantized matmul kernels on the GPU: correctness against the reference, then speed.
+
+In one process on one GPU (METHOD.md):
+  1. ceilings: HBM bandwidth (device copy) and the bf16 matmul rate at 8192^3, measured;
+  2. correctness of every Pallas-GPU kernel against `reference.py` on fresh random inputs,
+     shapes that are not multiples of the blocks included (rel. error, NaN check);
+  3. speed, baseline and candidate timed the same way: each sample is one jitted call that
+     runs the op over R rotating buffer sets (weights and activations together exceed L2
+     several times), its time divided by R; median of many samples after warm-up:
+       W4A16 g128 (symmetric) vs XLA bf16 dot with [N, K] weights, and vs XLA
+         dequantize-then-dot; M in {1, 16, 64, 256, 1024, 4096}; a block-size sweep at
+         M <= 16 and M >= 1024;
+       W8A8 vs XLA bf16 dot, and vs XLA's own int8 dot (NT layout) with its rescale;
+       FP8 (Pallas) vs XLA's own fp8 dot; Atom W4A4 (+128 int8 outliers) vs bf16.
+  4. one DESIGN.md line per measurement in <out>/quantized_matmul.jsonl (the fraction of
+     ceiling is roofline time / measured time, the roofline being the larger of bytes /
+     bandwidth and FLOPs / rate, with int8 and fp8 at twice the measured bf16 rate).
+
+Usage (GPU):  PYTHONUNBUFFERED=1 python3 -m bench.quantized_matmul --out $OUT
+  --only check,w4a16,w8a8,fp8,w4a4   sections to run; --ms 1,16 to restrict M;
+  --sweep occupancy                  the decode sweep of run 4 (more programs per SM);
+  --only profile                     a few plain calls for Nsight Compute (run with
+                                     XLA_PYTHON_CLIENT_PREALLOCATE=false under ncu).
+CPU smoke test on tiny shapes (interpret mode):  python3 -m bench.quantized_matmul --tiny
+Results and their reading: bench/results/quantized_matmul.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from bench import common
+from pallas_kernels.quantized_matmul import gpu
+from pallas_kernels.quantized_matmul import reference
+from pallas_kernels.quantized_matmul.config import BlockSizes, NUM_SMS
+
+BENCH = "quantized_matmul"
+NT = (((1,), (1,)), ((), ()))
+L2_BYTES = 50 << 20
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs (random on the device, never zeros)
+
+
+def _key(*ids):
+  return jax.random.fold_in(jax.random.key(20261117), hash(ids) % (1 << 30))
+
+
+def rand_x(m, k, i=0, dtype=jnp.bfloat16):
+  return jax.random.normal(_key("x", m, k, i), (m, k), jnp.float32).astype(dtype)
+
+
+def rand_w4(n, k, g, i=0, symmetric=True):
+  kc, ks, kz = jax.random.split(_key("w4", n, k, g, i, symmetric), 3)
+  lo, hi, dt = (-8, 8, jnp.int8) if symmetric else (0, 16, jnp.uint8)
+  codes = reference.pack_4bit(jax.random.randint(kc, (n, k), lo, hi).astype(dt), g)
+  scales = jax.random.uniform(ks, (n, k // g), jnp.float32, 0.002, 0.004)
+  zeros = None if symmetric else jax.random.uniform(kz, (n, k // g), jnp.float32, 6, 9)
+  return codes, scales, zeros
+
+
+def rand_w8(n, k, g, i=0, symmetric=True):
+  kc, ks, kz = jax.random.split(_key("w8", n, k, g, i, symmetric), 3)
+  lo, hi, dt = (-127, 128, jnp.int8) if symmetric else (0, 256, jnp.uint8)
+  codes = jax.random.randint(kc, (n, k), lo, hi).astype(dt)
+  scales = jax.random.uniform(ks, (n, k // g), jnp.float32, 1e-4, 2e-4)
+  zeros = None if symmetric else jax.random.uniform(kz, (n, k // g), jnp.float32, 120, 136)
+  return codes, scales, zeros
+
+
+def rand_i8(r, k, i=0, tag="a"):
+  kc, ks = jax.random.split(_key("i8", tag, r, k, i))
+  return (jax.random.randint(kc, (r, k), -127, 128).astype(jnp.int8),
+          jax.random.uniform(ks, (r, 1), jnp.float32, 1e-3, 2e-3))
+
+
+def rand_f8(r, k, i=0, tag="a"):
+  kc, ks = jax.random.split(_key("f8", tag, r, k, i))
+  return (jax.random.normal(kc, (r, k), jnp.float32).astype(jnp.float8_e4m3fn),
+          jax.random.uniform(ks, (r, 1), jnp.float32, 1e-3, 2e-3))
+
+
+def rand_w4a4(r, k_main, n_out, g, i=0, tag="a"):
+  kc, ks, ko, kos = jax.random.split(_key("w4a4", tag, r, k_main, i), 4)
+  codes = reference.pack_4bit(jax.random.randint(kc, (r, k_main), -8, 8).astype(jnp.int8), g)
+  scales = jax.random.uniform(ks, (r, k_main // g), jnp.float32, 0.01, 0.02)
+  out = jax.random.randint(ko, (r, n_out), -127, 128).astype(jnp.int8)
+  out_s = jax.random.uniform(kos, (r, 1), jnp.float32, 1e-3, 2e-3)
+  return codes, scales, out, out_s
+
+
+def rel_err(out, ref):
+  a = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+  b = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+  if not np.all(np.isfinite(a)):
+    return float("inf")
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# ---------------------------------------------------------------------------------------
+# Baselines written the way a user of XLA would
+
+
+def xla_bf16(x, w):
+  return lax.dot_general(x, w, NT, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def xla_dequant_dot(x, codes, scales, *, g):
+  """XLA's "dequantize then dot" W4A16: unpack, scale in bf16, one bf16 GEMM."""
+  n = codes.shape[0]
+  c = reference.unpack_4bit(codes, g).reshape(n, -1, g).astype(jnp.bfloat16)
+  w = (c * scales[..., None].astype(jnp.bfloat16)).reshape(n, -1)
+  return xla_bf16(x, w)
+
+
+# ---------------------------------------------------------------------------------------
+# Timing: one jitted call runs the op over R buffer sets
+
+
+# One jitted call runs the op over every buffer set; a sample dispatches INNER calls and
+# blocks on the last. A first run here (H200, jax 0.11.2) with 2-16 sets per call and one
+# call per sample showed ~150-200 us of host dispatch and sync per call, which made even
+# XLA's bf16 GEMV look like 1 TB/s: the sets per call are now sized so that a call moves
+# >= CALL_BYTES (also far more than L2), and several calls are queued per sample.
+CALL_BYTES = 512 << 20
+INNER = 8
+
+
+def rotations(bytes_per_set, cap=64):
+  return int(min(cap, max(2, math.ceil(CALL_BYTES / max(bytes_per_set, 1)))))
+
+
+def time_op(op, sets, *, iters, warmup=2, r=None):
+  """Median ms of one `op(*set)`, over the first `r` sets in `sets` (arg tuples)."""
+  sets = sets[:r] if r else sets
+  fn = jax.jit(lambda all_sets: [op(*s) for s in all_sets])
+  samples = common.time_calls(lambda: fn(sets), warmup=warmup, iters=iters, inner=INNER)
+  r = len(sets)
+  return common.median(samples) / r, common.spread(samples)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class Bench:
+
+  def __init__(self, args):
+    self.args = args
+    self.tiny = args.tiny
+    self.interpret = args.tiny
+    self.iters = 3 if args.tiny else args.iters
+    os.makedirs(args.out, exist_ok=True)
+    self.writer = common.ResultWriter(os.path.join(args.out, f"{BENCH}.jsonl"), BENCH,
+                                      card="cpu-interpret" if args.tiny else None)
+    self.summary = []
+    self.failures = []
+
+  # -- ceilings
+  def ceilings(self):
+    if self.tiny:
+      self.bw, self.rate = 1e11, 1e12
+      return
+    bw = common.measure_hbm_bandwidth(1 << 30, iters=20)
+    mm = common.measure_matmul_rate(8192, iters=10)
+    self.bw, self.rate = bw["bytes_per_s"], mm["flops_per_s"]
+    print(f"card={self.writer.card} jax={jax.__version__} HBM={self.bw / 1e12:.2f} TB/s "
+          f"(copy) bf16={self.rate / 1e12:.0f} TFLOP/s (8192^3)", flush=True)
+    self.writer.add(case={"what": "hbm_copy", "bytes": bw["bytes_moved"]}, impl="xla_copy",
+                    baseline_impl="xla_copy", median_ms=bw["median_ms"],
+                    baseline_median_ms=bw["median_ms"], fraction_of_ceiling=None,
+                    ceiling="measured HBM bandwidth", bytes_per_s=bw["bytes_per_s"])
+    self.writer.add(case={"what": "bf16_matmul", "n": 8192}, impl="xla_bf16",
+                    baseline_impl="xla_bf16", median_ms=mm["median_ms"],
+                    baseline_median_ms=mm["median_ms"], fraction_of_ceiling=None,
+                    ceiling="measured bf16 rate", flops_per_s=mm["flops_per_s"])
+
+  def roofline(self, flops, nbytes, rate_mult=1.0):
+    t_mem = nbytes / self.bw
+    t_mma = flops / (self.rate * rate_mult)
+    if t_mem >= t_mma:
+      return t_mem * 1e3, f"HBM {self.bw / 1e12:.2f} TB/s (measured copy)"
+    return t_mma * 1e3, (f"tensor cores {self.rate * rate_mult / 1e12:.0f} T/s "
+                         f"({'measured bf16' if rate_mult == 1 else '2x measured bf16'})")
+
+  def record(self, case, impl, base_impl, ms, base_ms, flops, nbytes, rate_mult=1.0,
+             **extra):
+    roof_ms, ceiling = self.roofline(flops, nbytes, rate_mult)
+    row = self.writer.add(case=case, impl=impl, baseline_impl=base_impl, median_ms=ms,
+                          baseline_median_ms=base_ms, fraction_of_ceiling=roof_ms / ms,
+                          ceiling=ceiling, **extra)
+    line = (f"{case.get('op'):6s} M={case['m']:5d} N={case['n']:6d} K={case['k']:6d} "
+            f"{impl:40s} {ms * 1e3:9.1f} us  vs {base_impl:18s} {base_ms * 1e3:9.1f} us  "
+            f"x{row['ratio_vs_baseline']:.2f}  ceil {row['fraction_of_ceiling']:.2f}")
+    print(line, flush=True)
+    self.summary.append(line)
+
+  def guarded(self, label, fn):
+    try:
+      return fn()
+    except Exception as e:  # a failed candidate must not stop the run
+      msg = f"FAILED {label}: {type(e).__name__}: {str(e)[:400]}"
+      print(msg, flush=True)
+      traceback.print_exc(limit=3)
+      self.failures.append(msg)
+      return None
+
+  # -- correctness
+  def check(self):
+    ip = self.interpret
+    rows = []
+    tol = 5e-3  # bf16 output rounding (2^-9) dominates; the f32 math is tighter
+
+    def add(name, out, ref):
+      err = rel_err(out, ref)
+      rows.append((name, err))
+      ok = err <= tol
+      print(f"check {name:48s} rel_err={err:.2e} {'ok' if ok else 'FAIL'}", flush=True)
+      if not ok:
+        self.failures.append(f"check {name} rel_err={err:.2e}")
+
+    for (m, n, k, g, sym, bits, cw) in [(1, 4096, 4096, 128, True, 4, 8),
+                                        (13, 1000, 1024, 128, True, 4, 16),
+                                        (70, 300, 512, 64, False, 4, 8),
+                                        (5, 257, 512, 32, True, 4, 8),
+                                        (300, 520, 1024, 128, False, 4, 16),
+                                        (9, 333, 512, 64, True, 8, 8),
+                                        (129, 200, 256, 128, False, 8, 8)]:
+      if self.tiny and m * n * k > 5e6:
+        continue
+      x = rand_x(m, k, 7)
+      codes, scales, zeros = (rand_w4 if bits == 4 else rand_w8)(n, k, g, 7, sym)
+      bs = BlockSizes.get_default("weight_only", m, n, k, group_size=g, bits=bits)
+      bs = BlockSizes(**{**bs.__dict__, "code_word": cw}) if bits == 4 and g >= 64 else bs
+      label = f"w{bits}a16 g{g} {'sym' if sym else 'asym'} cw{bs.code_word} {m}x{n}x{k}"
+      self.guarded(label, lambda: add(
+          label, gpu.weight_only_matmul(x, codes, scales, zeros, bits=bits, group_size=g,
+                                        block_sizes=bs, interpret=ip),
+          reference.weight_only_matmul(x, codes, scales, zeros, bits=bits, group_size=g)))
+    for (m, n, k) in [(1, 512, 1024), (77, 300, 1000), (300, 513, 2048)]:
+      if self.tiny and m * n * k > 5e6:
+        continue
+      (xc, xs), (wc, ws) = rand_i8(m, k, 1), rand_i8(n, k, 1, "w")
+      self.guarded(f"int8 {m}x{n}x{k}", lambda: add(
+          f"int8 {m}x{n}x{k}", gpu.int8_matmul(xc, xs, wc, ws, interpret=ip),
+          reference.int8_matmul(xc, xs, wc, ws)))
+      (xf, xfs), (wf, wfs) = rand_f8(m, k, 1), rand_f8(n, k, 1, "w")
+      self.guarded(f"fp8 {m}x{n}x{k}", lambda: add(
+          f"fp8 {m}x{n}x{k}", gpu.fp8_matmul(xf, xfs, wf, wfs, interpret=ip),
+          reference.fp8_matmul(xf, xfs, wf, wfs)))
+    for (m, n, k_main, n_out) in [(3, 256, 896, 128), (200, 300, 512, 40)]:
+      xa, wa = rand_w4a4(m, k_main, n_out, 128, 1), rand_w4a4(n, k_main, n_out, 128, 1, "w")
+      args = (xa[0], xa[1], wa[0], wa[1], xa[2], xa[3], wa[2], wa[3])
+      self.guarded(f"w4a4 {m}x{n}x{k_main}+{n_out}", lambda: add(
+          f"w4a4 {m}x{n}x{k_main}+{n_out}", gpu.w4a4_matmul(*args, interpret=ip),
+          reference.w4a4_matmul(*args)))
+    return rows
+
+  # -- speed
+  def w4a16(self, shapes, ms):
+    g = 128
+    for (n, k) in shapes:
+      bytes_w = n * k // 2 + n * (k // g) * 4
+      r = rotations(bytes_w)
+      wsets = [rand_w4(n, k, g, i) for i in range(r)]
+      wb = [jax.random.normal(_key("wb", n, k, i), (n, k), jnp.bfloat16)
+            for i in range(rotations(2 * n * k))]
+      for m in ms:
+        io = 2 * m * k + 2 * m * n
+        r4, rb = min(len(wsets), rotations(bytes_w + io)), min(len(wb), rotations(2 * n * k + io))
+        xs = [rand_x(m, k, i) for i in range(max(r4, rb))]
+        case = {"op": "w4a16", "m": m, "n": n, "k": k, "group_size": g, "symmetric": True}
+        flops = 2 * m * n * k
+        base = self.guarded("bf16", lambda: time_op(
+            xla_bf16, [(xs[i], wb[i]) for i in range(rb)], iters=self.iters))
+        if base is None:
+          continue
+        base_ms = base[0]
+        self.record({**case, "op": "bf16"}, "xla_bf16", "xla_bf16", base_ms, base_ms,
+                    flops, 2 * n * k + io)
+        deq = self.guarded("dequant", lambda: time_op(
+            functools.partial(xla_dequant_dot, g=g),
+            [(xs[i], wsets[i][0], wsets[i][1]) for i in range(r4)], iters=self.iters))
+        if deq is not None:
+          self.record(case, "xla_dequant_dot", "xla_bf16", deq[0], base_ms, flops,
+                      bytes_w + io)
+        for label, bs in self.w4a16_configs(m, n, k, g):
+          def run(bs=bs):
+            op = lambda x, c, s: gpu.weight_only_matmul(x, c, s, bits=4, group_size=g,
+                                                        block_sizes=bs,
+                                                        interpret=self.interpret)
+            return time_op(op, [(xs[i], wsets[i][0], wsets[i][1]) for i in range(r4)],
+                           iters=self.iters)
+          res = self.guarded(f"w4a16 {label} M={m} {n}x{k}", run)
+          if res is None:
+            continue
+          self.record(case, label, "xla_bf16", res[0], base_ms, flops, bytes_w + io,
+                      block_sizes=bs.__dict__, spread=res[1],
+                      ratio_vs_dequant_dot=(deq[0] / res[0]) if deq else None)
+
+  def w4a16_configs(self, m, n, k, g):
+    default = BlockSizes.get_default("weight_only", m, n, k, group_size=g, bits=4)
+    out = [("pallas_gpu", default)]
+    if self.tiny or self.args.no_sweep:
+      return out
+    n_groups = k // g
+
+    def split_for(bn, per_sm=4):
+      tiles = -(-n // bn)
+      target = max(1, per_sm * NUM_SMS // tiles)
+      return max(d for d in range(1, n_groups + 1) if n_groups % d == 0 and d <= target)
+
+    if m <= 16 and self.args.sweep == "occupancy":
+      # After Nsight Compute showed 0.48 waves / 18% achieved occupancy for the default
+      # decode blocks: more programs (split-K, narrower tiles, fewer warps).
+      for bn, per_sm, st, w in ((32, 8, 4, 4), (32, 14, 4, 4), (64, 8, 4, 4), (64, 14, 4, 4),
+                                (64, 14, 3, 4), (16, 14, 4, 4), (32, 14, 4, 2), (32, 28, 4, 2)):
+        bs = BlockSizes(block_m=16, block_n=bn, split_k=split_for(bn, per_sm), group_m=1,
+                        num_warps=w, num_stages=st)
+        label = f"pallas_gpu[bn{bn} cw8 w{w} s{st} sk{bs.split_k}]"
+        if all(label != l for l, _ in out):
+          out.append((label, bs))
+    elif m <= 16:
+      # (block_n, code_word, join_halves, warps, stages, programs per SM)
+      for bn, cw, join, w, st, per_sm in (
+          (64, 8, True, 4, 4, 4), (64, 8, False, 4, 4, 8), (128, 8, True, 4, 4, 4),
+          (32, 8, False, 4, 6, 4), (64, 8, True, 4, 6, 1), (64, 16, False, 4, 4, 4),
+          (128, 16, False, 4, 4, 4), (128, 16, False, 8, 4, 6)):
+        bs = BlockSizes(block_m=16, block_n=bn, split_k=split_for(bn, per_sm), group_m=1,
+                        num_warps=w, num_stages=st, code_word=cw, join_halves=join)
+        out.append((f"pallas_gpu[bn{bn} cw{cw}{' join' if join else ''} w{w} s{st} "
+                    f"sk{bs.split_k}]", bs))
+    elif m >= 1024:
+      for bm, bn, w, st, join in ((128, 128, 8, 3, True), (64, 128, 4, 4, True)):
+        bs = BlockSizes(block_m=bm, block_n=bn, group_m=8, num_warps=w, num_stages=st,
+                        join_halves=join)
+        out.append((f"pallas_gpu[{bm}x{bn} w{w} s{st}{' join' if join else ''}]", bs))
+    return out
+
+  def w8a8(self, shapes, ms):
+    for (n, k) in shapes:
+      r8 = rotations(n * k)
+      wq = [rand_i8(n, k, i, "w") for i in range(r8)]
+      wb = [jax.random.normal(_key("wb", n, k, i), (n, k), jnp.bfloat16)
+            for i in range(rotations(2 * n * k))]
+      for m in ms:
+        r8 = min(len(wq), rotations(n * k + m * k + 2 * m * n))
+        rb = min(len(wb), rotations(2 * n * k + 2 * m * k + 2 * m * n))
+        wq_m, wb_m = wq[:r8], wb[:rb]
+        xq = [rand_i8(m, k, i) for i in range(r8)]
+        xb = [rand_x(m, k, i) for i in range(rb)]
+        case = {"op": "w8a8", "m": m, "n": n, "k": k}
+        flops = 2 * m * n * k
+        base = self.guarded("bf16", lambda: time_op(
+            xla_bf16, [(xb[i], wb_m[i]) for i in range(rb)], iters=self.iters))
+        if base is None:
+          continue
+        base_ms = base[0]
+        self.record({**case, "op": "bf16"}, "xla_bf16", "xla_bf16", base_ms, base_ms,
+                    flops, 2 * n * k + 2 * m * k + 2 * m * n)
+        nbytes = n * k + m * k + 2 * m * n + 4 * (m + n)
+        xi = self.guarded("xla int8", lambda: time_op(
+            reference.int8_matmul, [(xq[i][0], xq[i][1], wq_m[i][0], wq_m[i][1])
+                                    for i in range(r8)], iters=self.iters))
+        if xi is not None:
+          self.record(case, "xla_int8_nt+rescale", "xla_bf16", xi[0], base_ms, flops,
+                      nbytes, 2.0)
+        for label, bs in self.w8a8_configs(m, n, k):
+          res = self.guarded(f"int8 {label} M={m}", lambda bs=bs: time_op(
+              functools.partial(gpu.int8_matmul, block_sizes=bs, interpret=self.interpret),
+              [(xq[i][0], xq[i][1], wq_m[i][0], wq_m[i][1]) for i in range(r8)],
+              iters=self.iters))
+          if res is not None:
+            self.record(case, label, "xla_bf16", res[0], base_ms, flops, nbytes, 2.0,
+                        block_sizes=bs.__dict__, spread=res[1],
+                        ratio_vs_xla_int8=(xi[0] / res[0]) if xi else None)
+
+  def w8a8_configs(self, m, n, k):
+    default = BlockSizes.get_default("int8", m, n, k)
+    out = [("pallas_gpu", default)]
+    if self.tiny or self.args.no_sweep or m < 1024:
+      return out
+    for bm, bn, bk, w, st in ((128, 128, 128, 8, 4), (128, 256, 128, 8, 3),
+                              (64, 128, 128, 4, 4)):
+      out.append((f"pallas_gpu[{bm}x{bn}x{bk} w{w} s{st}]",
+                  BlockSizes(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=w,
+                             num_stages=st)))
+    return out
+
+  def fp8(self, shapes, ms):
+    for (n, k) in shapes:
+      wq = [rand_f8(n, k, i, "w") for i in range(rotations(n * k))]
+      for m in ms:
+        r = min(len(wq), rotations(n * k + m * k + 2 * m * n))
+        xq = [rand_f8(m, k, i) for i in range(r)]
+        sets = [(xq[i][0], xq[i][1], wq[i][0], wq[i][1]) for i in range(r)]
+        case = {"op": "fp8", "m": m, "n": n, "k": k}
+        flops, nbytes = 2 * m * n * k, n * k + m * k + 2 * m * n
+        base = self.guarded("xla fp8", lambda: time_op(reference.fp8_matmul, sets,
+                                                       iters=self.iters))
+        if base is None:
+          continue
+        self.record(case, "xla_fp8", "xla_fp8", base[0], base[0], flops, nbytes, 2.0)
+        res = self.guarded("pallas fp8", lambda: time_op(functools.partial(gpu.fp8_matmul, interpret=self.interpret), sets,
+                                                         iters=self.iters))
+        if res is not None:
+          self.record(case, "pallas_gpu", "xla_fp8", res[0], base[0], flops, nbytes, 2.0)
+
+  def w4a4(self, shapes, ms, n_out=128, g=128):
+    for (n, k) in shapes:
+      k_main = k - n_out
+      wsz = n * k_main // 2 + n * n_out + 4 * n * (k_main // g + 1)
+      ws = [rand_w4a4(n, k_main, n_out, g, i, "w") for i in range(rotations(wsz))]
+      wb = [jax.random.normal(_key("wb", n, k, i), (n, k), jnp.bfloat16)
+            for i in range(rotations(2 * n * k))]
+      for m in ms:
+        r = max(min(len(ws), rotations(wsz + m * k // 2 + 2 * m * n)),
+                min(len(wb), rotations(2 * n * k + 2 * m * k + 2 * m * n)))
+        xa = [rand_w4a4(m, k_main, n_out, g, i) for i in range(r)]
+        xb = [rand_x(m, k, i) for i in range(r)]
+        case = {"op": "w4a4", "m": m, "n": n, "k": k, "n_outliers": n_out, "group_size": g}
+        flops = 2 * m * n * k
+        base = self.guarded("bf16", lambda: time_op(
+            xla_bf16, [(xb[i], wb[i]) for i in range(min(r, len(wb)))], iters=self.iters))
+        if base is None:
+          continue
+        nbytes = wsz + m * k_main // 2 + m * n_out + 2 * m * n
+        sets = [(xa[i][0], xa[i][1], ws[i][0], ws[i][1], xa[i][2], xa[i][3], ws[i][2],
+                 ws[i][3]) for i in range(min(r, len(ws)))]
+        res = self.guarded("pallas w4a4", lambda: time_op(functools.partial(gpu.w4a4_matmul, interpret=self.interpret), sets,
+                                                          iters=self.iters))
+        if res is not None:
+          self.record(case, "pallas_gpu", "xla_bf16", res[0], base[0], flops, nbytes, 2.0)
+
+
+def profile_decode(n=14336, k=4096, g=128, m=1, calls=3):
+  """A few plain calls of the W4A16 decode kernel (default blocks) and of XLA's bf16 dot,
+  for Nsight Compute: `ncu --kernel-name regex:w4a16 ... -m bench.quantized_matmul
+  --only profile`."""
+  x = rand_x(m, k)
+  codes, scales, _ = rand_w4(n, k, g)
+  wb = jax.random.normal(_key("wb", n, k, 0), (n, k), jnp.bfloat16)
+  f = jax.jit(lambda x, c, s: gpu.weight_only_matmul(x, c, s, bits=4, group_size=g))
+  b = jax.jit(xla_bf16)
+  for _ in range(calls):
+    common.block(f(x, codes, scales))
+    common.block(b(x, wb))
+  print("profile calls done", BlockSizes.get_default("weight_only", m, n, k), flush=True)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser()
+  p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+  p.add_argument("--tiny", action="store_true", help="CPU smoke test in interpret mode")
+  p.add_argument("--iters", type=int, default=30)
+  p.add_argument("--no-sweep", action="store_true")
+  p.add_argument("--only", default="check,w4a16,w8a8,fp8,w4a4")
+  p.add_argument("--ms", default=None, help="comma-separated M values for W4A16 / W8A8")
+  p.add_argument("--sweep", default="default", choices=["default", "occupancy"])
+  p.add_argument("--no-extra-shapes", action="store_true")
+  args = p.parse_args(argv)
+  if args.tiny:  # interpret mode is slow: one small call per sample
+    global CALL_BYTES, INNER
+    CALL_BYTES, INNER = 1, 1
+  t0 = time.time()
+  b = Bench(args)
+  only = set(args.only.split(","))
+  if only == {"profile"}:
+    profile_decode()
+    return 0
+  b.ceilings()
+  if "check" in only:
+    b.check()
+  if args.tiny:
+    shapes, ms_w4, ms_w8 = [(256, 512)], [1, 20], [33]
+  else:
+    shapes = [(4096, 4096), (14336, 4096), (4096, 14336)]
+    ms_w4 = ms_w8 = [1, 16, 64, 256, 1024, 4096]
+    if args.ms:
+      ms_w4 = ms_w8 = [int(v) for v in args.ms.split(",")]
+  if "w4a16" in only:
+    b.w4a16(shapes, ms_w4)
+    if not args.tiny and not args.no_extra_shapes:
+      b.w4a16([(28672, 8192)], [1, 16])
+    print(f"[w4a16 done at {time.time() - t0:.0f}s]", flush=True)
+  if "w8a8" in only:
+    b.w8a8(shapes, ms_w8)
+    if not args.tiny and not args.no_extra_shapes:
+      b.w8a8([(28672, 8192)], [4096])
+    print(f"[w8a8 done at {time.time() - t0:.0f}s]", flush=True)
+  if "fp8" in only:
+    b.fp8(shapes[:2], [16, 4096] if not args.tiny else [33])
+  if "w4a4" in only:
+    b.w4a4(shapes[:2], [1024, 4096] if not args.tiny else [33])
+  print(f"\n=== summary ({time.time() - t0:.0f}s, card {b.writer.card}) ===")
+  for line in b.summary:
+    print(line)
+  print(f"{len(b.failures)} failures")
+  for f in b.failures:
+    print(f)
+  with open(os.path.join(args.out, "summary.txt"), "w") as f:
+    f.write("\n".join(b.summary + b.failures) + "\n")
+  return 1 if b.failures else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,161 @@
+"""The quantized matmul family: dispatchers over the Pallas kernels and the XLA reference.
+
+Each function picks an implementation by backend, shape and dtype (DESIGN.md "Kernels"):
+
+  implementation=None     the backend's order: "pallas_gpu" then "xla" on a GPU,
+                          "pallas_tpu" then "xla" on a TPU, "xla" elsewhere; a kernel that
+                          cannot serve the case raises NotImplementedError and the next is
+                          tried. On a GPU, large-M W4A16 / W8A16 and FP8 start
+                          at XLA instead (measured; see WEIGHT_ONLY_GPU_MAX_M and
+                          FP8_GPU_MAX_M).
+  implementation="name"   that implementation only; its errors propagate.
+  implementation=(...)    that order.
+
+"xla" is `reference.py`: plain jnp, correct everywhere. "xla_dequant" (weight-only only)
+dequantizes to the activation dtype and calls XLA's dot: the fast XLA path for large M. `block_sizes=` reaches the Pallas
+kernel of the matching type (`BlockSizes` for GPU, `TpuBlockSizes` for TPU); `interpret=`
+runs a Pallas kernel on the CPU (True for the GPU kernels, `pltpu.InterpretParams()` for
+the TPU ones).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.quantized_matmul import gpu
+from pallas_kernels.quantized_matmul import reference
+from pallas_kernels.quantized_matmul import tpu
+from pallas_kernels.quantized_matmul.config import BlockSizes, TpuBlockSizes
+
+IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "xla_dequant", "xla")
+
+# W4A16 / W8A16 on a GPU: above this many tokens XLA's dequantize-then-dot wins. Pallas'
+# Triton lowering cannot keep a float accumulator in the wgmma registers (it emits
+# `acc + dot(a, b, 0)`, which Triton does not fold for floats), so each group's product
+# waits for its wgmma; measured on an H200 (bench/results/quantized_matmul.md): the
+# kernel leads up to M = 256 and trails from M = 1024.
+WEIGHT_ONLY_GPU_MAX_M = 256
+
+# FP8 on a GPU: Pallas' Triton lowering emits its fp8 dot without `maxNumImpreciseAcc`,
+# and Triton then upcasts both operands to fp16 (mma.sync HMMA instead of fp8 wgmma; seen
+# in the SASS of jax 0.10.2 + Triton 3.6), so for large M XLA's own fp8 dot (on the fp8
+# tensor cores) is 2.5x faster; at small M, where both are memory-bound, the kernel's
+# fused rescale wins (1.07-1.22x on an H200).
+FP8_GPU_MAX_M = 64
+
+
+def _order(op: str, implementation, m: int | None = None) -> tuple[str, ...]:
+  if implementation is None:
+    backend = jax.default_backend()
+    if op == "fp8" and backend == "gpu":
+      return ("pallas_gpu", "xla") if m is not None and m <= FP8_GPU_MAX_M else ("xla",)
+    if op == "weight_only_matmul" and backend == "gpu":
+      if m is not None and m > WEIGHT_ONLY_GPU_MAX_M:
+        return ("xla_dequant", "xla")
+      return ("pallas_gpu", "xla_dequant", "xla")
+    return {"gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")}.get(
+        backend, ("xla",))
+  names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
+  for name in names:
+    if name not in IMPLEMENTATIONS:
+      raise ValueError(f"implementation={name!r} is not one of {IMPLEMENTATIONS}")
+  return names
+
+
+def _kernel_kwargs(name: str, block_sizes, interpret) -> dict[str, Any]:
+  if name.startswith("xla"):
+    return {}
+  want = BlockSizes if name == "pallas_gpu" else TpuBlockSizes
+  kwargs: dict[str, Any] = {"interpret": interpret}
+  if block_sizes is not None:
+    if not isinstance(block_sizes, want):
+      raise TypeError(f"{name} takes block_sizes of type {want.__name__}, got "
+                      f"{type(block_sizes).__name__}")
+    kwargs["block_sizes"] = block_sizes
+  return kwargs
+
+
+def _dispatch(op: str, fns: dict[str, Callable], implementation, block_sizes, interpret,
+              *args, **kwargs):
+  names = _order(op, implementation, m=args[0].shape[0])
+  errors = []
+  for name in names:
+    fn = fns.get(name)
+    if fn is None:
+      errors.append(NotImplementedError(f"{op}: no {name} implementation"))
+      continue
+    try:
+      return fn(*args, **kwargs, **_kernel_kwargs(name, block_sizes, interpret))
+    except NotImplementedError as e:
+      errors.append(e)
+  if len(names) == 1:
+    raise errors[0]
+  raise NotImplementedError(f"{op}: no implementation in {names} serves this case: "
+                            + "; ".join(str(e) for e in errors))
+
+
+def weight_only_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array,
+                       zeros: jax.Array | None = None, *, bits: int, group_size: int,
+                       implementation: str | Sequence[str] | None = None,
+                       block_sizes: BlockSizes | TpuBlockSizes | None = None,
+                       interpret: Any = False) -> jax.Array:
+  """W4A16 / W8A16: x [M, K] (bf16/f32) @ dequant(codes [N, K(/2)]).T -> [M, N] in x.dtype.
+
+  Args:
+    x: activations [M, K].
+    codes: int8 (symmetric) or uint8 (asymmetric) [N, K // 2] for bits=4 (two codes per
+      byte, "group_halves" order), [N, K] for bits=8.
+    scales: float32 [N, K // group_size].
+    zeros: float32 [N, K // group_size] zero points for asymmetric codes, else None.
+    bits: 4 or 8.
+    group_size: input channels per scale.
+    implementation, block_sizes, interpret: see the module docstring.
+  """
+  fns = {"pallas_gpu": gpu.weight_only_matmul, "pallas_tpu": tpu.weight_only_matmul,
+         "xla_dequant": reference.weight_only_matmul_dequant_dot,
+         "xla": reference.weight_only_matmul}
+  return _dispatch("weight_only_matmul", fns, implementation, block_sizes, interpret,
+                   x, codes, scales, zeros, bits=bits, group_size=group_size)
+
+
+def int8_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
+                w_scales: jax.Array, *, out_dtype=jnp.bfloat16,
+                implementation: str | Sequence[str] | None = None,
+                block_sizes: BlockSizes | TpuBlockSizes | None = None,
+                interpret: Any = False) -> jax.Array:
+  """W8A8: int8 [M, K] x int8 [N, K] (contraction minor) -> [M, N], int32 accumulation,
+  rescaled by x_scales [M, 1] (per token) and w_scales [N, 1] (per channel)."""
+  fns = {"pallas_gpu": gpu.int8_matmul, "pallas_tpu": tpu.int8_matmul,
+         "xla": reference.int8_matmul}
+  return _dispatch("int8_matmul", fns, implementation, block_sizes, interpret,
+                   x_codes, x_scales, w_codes, w_scales, out_dtype=out_dtype)
+
+
+def fp8_matmul(x: jax.Array, x_scales: jax.Array, w: jax.Array, w_scales: jax.Array, *,
+               out_dtype=jnp.bfloat16, implementation: str | Sequence[str] | None = None,
+               block_sizes: BlockSizes | None = None, interpret: Any = False) -> jax.Array:
+  """FP8 (e4m3) W8A8: x [M, K] x w [N, K] -> [M, N], fp32 accumulation, per-token and
+  per-channel scales [M, 1] and [N, 1]."""
+  fns = {"pallas_gpu": gpu.fp8_matmul, "xla": reference.fp8_matmul}
+  return _dispatch("fp8", fns, implementation, block_sizes, interpret,
+                   x, x_scales, w, w_scales, out_dtype=out_dtype)
+
+
+def w4a4_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
+                w_scales: jax.Array, x_out: jax.Array | None = None,
+                x_out_scales: jax.Array | None = None, w_out: jax.Array | None = None,
+                w_out_scales: jax.Array | None = None, *, group_size: int = 128,
+                out_dtype=jnp.bfloat16, implementation: str | Sequence[str] | None = None,
+                block_sizes: BlockSizes | TpuBlockSizes | None = None,
+                interpret: Any = False) -> jax.Array:
+  """Atom W4A4: packed 4-bit activations x_codes [M, K_main/2] and weights w_codes
+  [N, K_main/2] with group scales [M, G] and [N, G] (G = K_main / group_size), plus the
+  optional int8 outlier tail x_out [M, n_out], w_out [N, n_out] with scales [M,1], [N,1]."""
+  fns = {"pallas_gpu": gpu.w4a4_matmul, "pallas_tpu": tpu.w4a4_matmul,
+         "xla": reference.w4a4_matmul}
+  return _dispatch("w4a4_matmul", fns, implementation, block_sizes, interpret,
+                   x_codes, x_scales, w_codes, w_scales, x_out, x_out_scales, w_out,
+                   w_out_scales, group_size=group_size, out_dtype=out_dtype)

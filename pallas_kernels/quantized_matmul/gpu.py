@@ -1,0 +1,480 @@
+"""Pallas (Triton lowering) kernels for the quantized matmul family on NVIDIA GPUs.
+
+Same signatures as `reference.py`, plus `block_sizes=` and `interpret=`.
+
+Motivation: XLA's own paths for these products are slow or unfused (PEERS.md 6.3): a
+group-wise W4A16 product runs as "dequantize then dot" at 0.39x bf16, and the W8A8
+rescale is a separate pass over an int32 [M, N] array. These kernels read the packed
+codes once, unpack them in registers and rescale inside the K loop or in the epilogue.
+
+Kernels:
+  * `weight_only_matmul` (W4A16 / W8A16, symmetric or asymmetric, groups of any even
+    size >= 32): one quantization group per K step. 4-bit codes are unpacked with
+    shifts into exact bf16 values by the "magic exponent" trick (the nibble is OR-ed into
+    the mantissa of 128.0, so no int->float conversion instruction is needed), each
+    group's product is taken on the tensor cores with an fp32 result, and the group's
+    scale is applied to that [block_m, block_n] partial rather than to every weight
+    (block_m multiplies per weight column instead of group_size). Asymmetric zero points
+    fold in as `- zero * sum(x over the group)`. Decode shapes split K over programs and
+    sum their fp32 partials with atomics.
+  * `int8_matmul` (W8A8): int8 x int8 -> int32 on the tensor cores, per-token x
+    per-channel rescale in the epilogue, bf16 out.
+  * `fp8_matmul`: e4m3 x e4m3 -> fp32 on the fp8 tensor cores, rescale in the epilogue.
+  * `w4a4_matmul` (Atom): both operands packed 4-bit in groups; nibbles are
+    sign-extended to int8 in registers (exact: Hopper has no int4 MMA, SPEC.md 1.5),
+    each group's int32 partial is rescaled by act_scale x w_scale inside the K loop, and
+    the int8 x int8 outlier tail follows with its own scales.
+
+Edges: M and N need not be multiples of the blocks; loads past the edge are masked (to
+zero) and stores are masked, so nothing past an array is ever read or written. K needs
+no masking in the group-wise kernels (groups tile K exactly by the format's invariant);
+the int8/fp8 kernels mask a ragged last K step with zeros, which add nothing.
+
+Limits (measured on an H200, bench/results/quantized_matmul.md): Pallas lowers
+`acc + jnp.dot(...)` as a zero-initialised dot plus an add, which Triton folds into the MMA
+accumulator for int32 but not for float32, so the float kernels (W4A16 at large M, FP8)
+wait for every wgmma; and the fp8 dot is emitted without `maxNumImpreciseAcc`, so Triton
+upcasts it to fp16 mma.sync. api.py routes those cases to XLA.
+
+Future work: Mosaic GPU (wgmma with register-level unpack, as tokamax's sm90 quantized
+ragged_dot) where it beats Triton on Hopper; Marlin-style pre-shuffled 4-bit layouts.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.quantized_matmul import reference
+from pallas_kernels.quantized_matmul.config import BlockSizes
+
+# jax 0.10 / 0.11 call it CompilerParams; older releases called it TritonCompilerParams.
+# Passing it explicitly keeps the Triton lowering: recent JAX lowers a bare pallas_call
+# through Mosaic GPU.
+_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(
+    plgpu, "TritonCompilerParams")
+
+# bf16 bit patterns of 128.0 (0x4300): OR-ing a nibble u into the low mantissa bits gives
+# exactly 128 + u (bf16 has 7 mantissa bits, so its unit in [128, 256) is 1). For a
+# two's-complement nibble, XOR with 8 first: 128 + (u ^ 8) - 136 = the signed value.
+_MAGIC_UNSIGNED = 0x4300
+_MAGIC_SIGNED = 0x4308  # = 0x4300 | 8, applied with XOR
+_BIAS_UNSIGNED = 128.0
+_BIAS_SIGNED = 136.0
+
+
+def _compiler_params(bs: BlockSizes):
+  return _CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
+
+
+def _tile_ids(pid, tiles_m: int, tiles_n: int, group_m: int):
+  """(pm, pn) of a 1-D program id, `group_m` row tiles next to each other (L2 reuse)."""
+  if tiles_m == 1:
+    return jnp.int32(0), pid
+  if group_m <= 1:
+    return lax.rem(pid, tiles_m), lax.div(pid, tiles_m)
+  width = group_m * tiles_n
+  first_m = lax.div(pid, width) * group_m
+  size_m = jnp.minimum(tiles_m - first_m, group_m)
+  local = lax.rem(pid, width)
+  return first_m + lax.rem(local, size_m), lax.div(local, size_m)
+
+
+def _load(ref, idx, mask):
+  """ref[idx], with masked-off elements read as zero (and never touched)."""
+  if mask is None:
+    return ref[idx]
+  # Python ints as traced scalars: the interpreter's masked load wants arrays.
+  idx = tuple(jnp.int32(i) if isinstance(i, int) else i for i in idx)
+  view = ref.at[idx]
+  # A full-shape mask, and a fill of the ref's own dtype (Triton cannot cast an integer
+  # fill to fp8).
+  return plgpu.load(view, mask=jnp.broadcast_to(mask, view.shape),
+                    other=jnp.zeros((), ref.dtype))
+
+
+def _and_masks(a, b):
+  if a is None:
+    return b
+  if b is None:
+    return a
+  return a & b
+
+
+def _nibbles_as_bf16(packed, signed: bool):
+  """int8/uint8 [R, C] -> (low, high) bf16 [R, C] holding the exact nibble codes."""
+  w = packed.astype(jnp.int16) & 0xFF  # the byte, whatever its signedness, in 0..255
+  low, high = w & 0xF, lax.shift_right_logical(w, jnp.int16(4))
+  if signed:
+    low, high = low ^ _MAGIC_SIGNED, high ^ _MAGIC_SIGNED
+    bias = _BIAS_SIGNED
+  else:
+    low, high = low | _MAGIC_UNSIGNED, high | _MAGIC_UNSIGNED
+    bias = _BIAS_UNSIGNED
+  to_bf16 = lambda v: lax.bitcast_convert_type(v, jnp.bfloat16) - jnp.bfloat16(bias)
+  return to_bf16(low), to_bf16(high)
+
+
+def _word_nibble_as_bf16(words, shift: int, signed: bool):
+  """int16 words -> bf16 of the nibble at bit `shift` of each word, exact."""
+  nib = lax.shift_right_logical(words, jnp.int16(shift)) & 0xF if shift else words & 0xF
+  if signed:
+    bits, bias = nib ^ _MAGIC_SIGNED, _BIAS_SIGNED
+  else:
+    bits, bias = nib | _MAGIC_UNSIGNED, _BIAS_UNSIGNED
+  return lax.bitcast_convert_type(bits, jnp.bfloat16) - jnp.bfloat16(bias)
+
+
+def _nibbles_as_int8(packed):
+  """Packed signed nibbles int8 [R, C] -> (low, high) int8 [R, C], sign-extended."""
+  low = lax.shift_right_arithmetic(lax.shift_left(packed, jnp.int8(4)), jnp.int8(4))
+  high = lax.shift_right_arithmetic(packed, jnp.int8(4))
+  return low, high
+
+
+def _dot_nt(a, b, acc_dtype, precision=None):
+  """a [R, C] . b [S, C] -> [R, S] (contract the minor axes)."""
+  return jnp.dot(a, b.T, preferred_element_type=acc_dtype, precision=precision)
+
+
+# ---------------------------------------------------------------------------------------
+# W4A16 / W8A16
+
+
+def _weight_only_kernel(*refs, bits: int, g: int, m: int, n: int, bs: BlockSizes,
+                        groups_per_split: int, symmetric: bool, f32_math: bool):
+  if symmetric:
+    x_ref, c_ref, s_ref, o_ref = refs
+    z_ref = None
+  else:
+    x_ref, c_ref, s_ref, z_ref, o_ref = refs
+  bm, bn = bs.block_m, bs.block_n
+  tiles_m, tiles_n = pl.cdiv(m, bm), pl.cdiv(n, bn)
+  pm, pn = _tile_ids(pl.program_id(0), tiles_m, tiles_n, bs.group_m)
+  pk = pl.program_id(1)
+  m0 = pl.multiple_of(pm * bm, bm)
+  n0 = pl.multiple_of(pn * bn, bn)
+  rows = m0 + lax.broadcasted_iota(jnp.int32, (bm,), 0)
+  cols = n0 + lax.broadcasted_iota(jnp.int32, (bn,), 0)
+  rmask = (rows < m) if m % bm else None
+  cmask = (cols < n) if n % bn else None
+  xmask = None if rmask is None else rmask[:, None]
+  wmask = None if cmask is None else cmask[:, None]
+  cdt = jnp.float32 if f32_math else jnp.bfloat16
+  precision = lax.Precision.HIGHEST if f32_math else None
+
+  def body(i, acc):
+    gi = pk * groups_per_split + i
+    k0 = pl.multiple_of(gi * g, g)
+    if bits == 4 and bs.code_word == 16:
+      # Codes read as int16 words: word p of a group holds bytes 2p and 2p+1, i.e. the
+      # codes 2p (bits 0-3), g/2+2p (4-7), 2p+1 (8-11) and g/2+2p+1 (12-15). Each shift
+      # gives one exact bf16 operand of g/4 codes, matched by every other x channel.
+      q = g // 4
+      words = _load(c_ref, (pl.ds(n0, bn), pl.ds(pl.multiple_of(gi * q, q), q)), wmask)
+      xa = gi * (g // 2)  # x viewed as [M, K/2, 2]: x[:, 2j + e] = x2[:, j, e]
+      xb = xa + g // 4
+      part = None
+      xsum = None
+      for shift, start, parity in ((0, xa, 0), (4, xb, 0), (8, xa, 1), (12, xb, 1)):
+        w = _word_nibble_as_bf16(words, shift, symmetric)
+        xs = _load(x_ref, (pl.ds(m0, bm), pl.ds(start, q), parity), xmask)
+        d = _dot_nt(xs.astype(cdt), w.astype(cdt), jnp.float32, precision)
+        part = d if part is None else part + d
+        if not symmetric:
+          s_ = jnp.sum(xs.astype(jnp.float32), axis=1)
+          xsum = s_ if xsum is None else xsum + s_
+    elif bits == 4:
+      half = g // 2
+      x_lo = _load(x_ref, (pl.ds(m0, bm), pl.ds(k0, half)), xmask)
+      x_hi = _load(x_ref, (pl.ds(m0, bm), pl.ds(k0 + half, half)), xmask)
+      packed = _load(c_ref, (pl.ds(n0, bn), pl.ds(pl.multiple_of(gi * half, half), half)),
+                     wmask)
+      w_lo, w_hi = _nibbles_as_bf16(packed, symmetric)
+      if bs.join_halves:
+        # One K=g dot: both operands interleave their halves the same way (tt.join),
+        # and a contraction does not care about the order of its channels.
+        xj = jnp.stack([x_lo.astype(cdt), x_hi.astype(cdt)], axis=-1).reshape(bm, g)
+        wj = jnp.stack([w_lo.astype(cdt), w_hi.astype(cdt)], axis=-1).reshape(bn, g)
+        part = _dot_nt(xj, wj, jnp.float32, precision)
+      else:
+        part = (_dot_nt(x_lo.astype(cdt), w_lo.astype(cdt), jnp.float32, precision)
+                + _dot_nt(x_hi.astype(cdt), w_hi.astype(cdt), jnp.float32, precision))
+      xsum = None if symmetric else (
+          jnp.sum(x_lo.astype(jnp.float32), axis=1)
+          + jnp.sum(x_hi.astype(jnp.float32), axis=1))
+    else:
+      xg = _load(x_ref, (pl.ds(m0, bm), pl.ds(k0, g)), xmask)
+      codes = _load(c_ref, (pl.ds(n0, bn), pl.ds(k0, g)), wmask)
+      part = _dot_nt(xg.astype(cdt), codes.astype(cdt), jnp.float32, precision)
+      xsum = None if symmetric else jnp.sum(xg.astype(jnp.float32), axis=1)
+    scale = _load(s_ref, (pl.ds(n0, bn), gi), cmask)
+    if not symmetric:
+      zero = _load(z_ref, (pl.ds(n0, bn), gi), cmask)
+      part = part - xsum[:, None] * zero[None, :]
+    return acc + part * scale[None, :]
+
+  acc = lax.fori_loop(0, groups_per_split, body, jnp.zeros((bm, bn), jnp.float32))
+  omask = _and_masks(xmask, None if cmask is None else cmask[None, :])
+  idx = (pl.ds(m0, bm), pl.ds(n0, bn))
+  if bs.split_k > 1:
+    # The fp32 output is padded to whole blocks, so the atomics need no mask.
+    plgpu.atomic_add(o_ref, idx, acc)
+  elif omask is None:
+    o_ref[idx] = acc.astype(o_ref.dtype)
+  else:
+    plgpu.store(o_ref.at[idx], acc.astype(o_ref.dtype),
+                mask=jnp.broadcast_to(omask, acc.shape))
+
+
+def check_weight_only(x, codes, scales, zeros, *, bits: int, group_size: int,
+                      block_sizes: BlockSizes) -> None:
+  """Raises NotImplementedError for cases this kernel does not serve (STYLE.md 3)."""
+  if x.dtype not in (jnp.bfloat16, jnp.float32):
+    raise NotImplementedError(f"pallas_gpu weight_only_matmul: {x.dtype=} not bf16/f32")
+  step = group_size // 2 if bits == 4 else group_size
+  if bits == 4 and block_sizes.code_word == 16:
+    step = group_size // 4
+  if step < 16 or step & (step - 1):
+    raise NotImplementedError(
+        f"pallas_gpu weight_only_matmul: {group_size=} with {bits=} gives a K step of "
+        f"{step}; Triton needs a power of two >= 16")
+  n_groups = x.shape[1] // group_size
+  if n_groups % block_sizes.split_k:
+    raise NotImplementedError(
+        f"pallas_gpu weight_only_matmul: split_k={block_sizes.split_k} does not divide "
+        f"the {n_groups} groups")
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "block_sizes",
+                                             "interpret"))
+def weight_only_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array,
+                       zeros: jax.Array | None = None, *, bits: int, group_size: int,
+                       block_sizes: BlockSizes | None = None,
+                       interpret: bool = False) -> jax.Array:
+  """W4A16 / W8A16 on the GPU; see `reference.weight_only_matmul`."""
+  reference.validate_weight_only(x, codes, scales, zeros, bits=bits,
+                                 group_size=group_size)
+  m, k = x.shape
+  n = codes.shape[0]
+  bs = block_sizes or BlockSizes.get_default("weight_only", m, n, k,
+                                             group_size=group_size, bits=bits)
+  bs.validate()
+  check_weight_only(x, codes, scales, zeros, bits=bits, group_size=group_size,
+                    block_sizes=bs)
+  symmetric = zeros is None
+  n_groups = k // group_size
+  tiles = pl.cdiv(m, bs.block_m) * pl.cdiv(n, bs.block_n)
+  kernel = functools.partial(
+      _weight_only_kernel, bits=bits, g=group_size, m=m, n=n, bs=bs,
+      groups_per_split=n_groups // bs.split_k, symmetric=symmetric,
+      f32_math=x.dtype == jnp.float32)
+  if bits == 4 and bs.code_word == 16:
+    # Free reinterpretations (no data movement): byte pairs as int16 words, and x as
+    # [M, K/2, 2] so that even and odd channels can be read separately.
+    codes = lax.bitcast_convert_type(codes.reshape(n, -1, 2), jnp.int16)
+    x = x.reshape(m, k // 2, 2)
+  args = [x, codes, scales] + ([] if symmetric else [zeros])
+  if bs.split_k > 1:
+    # fp32 partials of the K splits are summed in place by atomics: start from zeros,
+    # padded to whole blocks (rows and columns past the edge get exact zeros, since
+    # their loads are masked to zero, and are sliced off below).
+    padded = (pl.cdiv(m, bs.block_m) * bs.block_m, pl.cdiv(n, bs.block_n) * bs.block_n)
+    args.append(jnp.zeros(padded, jnp.float32))
+    out_shape = jax.ShapeDtypeStruct(padded, jnp.float32)
+    aliases = {len(args) - 1: 0}
+    kernel_fn = lambda *refs: kernel(*refs[:-2], refs[-1])
+  else:
+    out_shape = jax.ShapeDtypeStruct((m, n), x.dtype)
+    aliases = {}
+    kernel_fn = kernel
+  out = pl.pallas_call(
+      kernel_fn,
+      out_shape=out_shape,
+      grid=(tiles, bs.split_k),
+      input_output_aliases=aliases,
+      compiler_params=_compiler_params(bs),
+      interpret=interpret,
+      name=f"w{bits}a16_g{group_size}_{'sym' if symmetric else 'asym'}",
+  )(*args)
+  return out[:m, :n].astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# W8A8 (int8) and FP8: one scaled NT product
+
+
+def _scaled_mm_kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, m: int, n: int, k: int,
+                      bs: BlockSizes, acc_dtype):
+  bm, bn, bk = bs.block_m, bs.block_n, bs.block_k
+  pm, pn = _tile_ids(pl.program_id(0), pl.cdiv(m, bm), pl.cdiv(n, bn), bs.group_m)
+  m0 = pl.multiple_of(pm * bm, bm)
+  n0 = pl.multiple_of(pn * bn, bn)
+  rows = m0 + lax.broadcasted_iota(jnp.int32, (bm,), 0)
+  cols = n0 + lax.broadcasted_iota(jnp.int32, (bn,), 0)
+  rmask = (rows < m) if m % bm else None
+  cmask = (cols < n) if n % bn else None
+
+  def step(k0, acc, kmask):
+    xm = _and_masks(None if rmask is None else rmask[:, None], kmask)
+    wm = _and_masks(None if cmask is None else cmask[:, None], kmask)
+    a = _load(x_ref, (pl.ds(m0, bm), pl.ds(k0, bk)), xm)
+    b = _load(w_ref, (pl.ds(n0, bn), pl.ds(k0, bk)), wm)
+    return acc + _dot_nt(a, b, acc_dtype)
+
+  full_steps = k // bk
+  acc = lax.fori_loop(
+      0, full_steps,
+      lambda i, acc: step(pl.multiple_of(i * bk, bk), acc, None),
+      jnp.zeros((bm, bn), acc_dtype))
+  if k % bk:  # the ragged last step: channels past K read as zero and add nothing
+    # A traced start (program_id * 0 + c): the block runs past K, which is masked.
+    k0 = pl.program_id(0) * 0 + full_steps * bk
+    kmask = (k0 + lax.broadcasted_iota(jnp.int32, (bk,), 0) < k)[None, :]
+    acc = step(k0, acc, kmask)
+  xs = _load(xs_ref, (pl.ds(m0, bm), 0), rmask)
+  ws = _load(ws_ref, (pl.ds(n0, bn), 0), cmask)
+  out = (acc.astype(jnp.float32) * xs[:, None] * ws[None, :]).astype(o_ref.dtype)
+  idx = (pl.ds(m0, bm), pl.ds(n0, bn))
+  omask = _and_masks(None if rmask is None else rmask[:, None],
+                     None if cmask is None else cmask[None, :])
+  if omask is None:
+    o_ref[idx] = out
+  else:
+    plgpu.store(o_ref.at[idx], out, mask=jnp.broadcast_to(omask, out.shape))
+
+
+def _scaled_mm(x, xs, w, ws, *, op: str, acc_dtype, out_dtype, block_sizes, interpret):
+  m, k = x.shape
+  n = w.shape[0]
+  bs = block_sizes or BlockSizes.get_default(op, m, n, k)
+  bs.validate()
+  tiles = pl.cdiv(m, bs.block_m) * pl.cdiv(n, bs.block_n)
+  kernel = functools.partial(_scaled_mm_kernel, m=m, n=n, k=k, bs=bs,
+                             acc_dtype=acc_dtype)
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+      grid=(tiles,),
+      compiler_params=_compiler_params(bs),
+      interpret=interpret,
+      name=f"{op}_matmul",
+  )(x, xs, w, ws)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "block_sizes", "interpret"))
+def int8_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
+                w_scales: jax.Array, *, out_dtype=jnp.bfloat16,
+                block_sizes: BlockSizes | None = None, interpret: bool = False):
+  """W8A8 on the GPU; see `reference.int8_matmul`."""
+  reference.validate_int8(x_codes, x_scales, w_codes, w_scales)
+  return _scaled_mm(x_codes, x_scales, w_codes, w_scales, op="int8", acc_dtype=jnp.int32,
+                    out_dtype=out_dtype, block_sizes=block_sizes, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "block_sizes", "interpret"))
+def fp8_matmul(x: jax.Array, x_scales: jax.Array, w: jax.Array, w_scales: jax.Array, *,
+               out_dtype=jnp.bfloat16, block_sizes: BlockSizes | None = None,
+               interpret: bool = False):
+  """FP8 (e4m3) W8A8 on the GPU; see `reference.fp8_matmul`."""
+  reference.validate_fp8(x, x_scales, w, w_scales)
+  return _scaled_mm(x, x_scales, w, w_scales, op="fp8", acc_dtype=jnp.float32,
+                    out_dtype=out_dtype, block_sizes=block_sizes, interpret=interpret)
+
+
+# ---------------------------------------------------------------------------------------
+# Atom W4A4 with the int8 outlier tail
+
+
+def _w4a4_kernel(*refs, m: int, n: int, g: int, n_groups: int, n_out: int,
+                 bk_out: int, bs: BlockSizes):
+  if n_out:
+    xc_ref, xs_ref, wc_ref, ws_ref, xo_ref, xos_ref, wo_ref, wos_ref, o_ref = refs
+  else:
+    xc_ref, xs_ref, wc_ref, ws_ref, o_ref = refs
+  bm, bn = bs.block_m, bs.block_n
+  pm, pn = _tile_ids(pl.program_id(0), pl.cdiv(m, bm), pl.cdiv(n, bn), bs.group_m)
+  m0 = pl.multiple_of(pm * bm, bm)
+  n0 = pl.multiple_of(pn * bn, bn)
+  rows = m0 + lax.broadcasted_iota(jnp.int32, (bm,), 0)
+  cols = n0 + lax.broadcasted_iota(jnp.int32, (bn,), 0)
+  rmask = (rows < m) if m % bm else None
+  cmask = (cols < n) if n % bn else None
+  xmask = None if rmask is None else rmask[:, None]
+  wmask = None if cmask is None else cmask[:, None]
+  half = g // 2
+
+  def body(gi, acc):
+    kc = pl.multiple_of(gi * half, half)
+    x_lo, x_hi = _nibbles_as_int8(_load(xc_ref, (pl.ds(m0, bm), pl.ds(kc, half)), xmask))
+    w_lo, w_hi = _nibbles_as_int8(_load(wc_ref, (pl.ds(n0, bn), pl.ds(kc, half)), wmask))
+    part = _dot_nt(x_lo, w_lo, jnp.int32) + _dot_nt(x_hi, w_hi, jnp.int32)
+    xs = _load(xs_ref, (pl.ds(m0, bm), gi), rmask)
+    ws = _load(ws_ref, (pl.ds(n0, bn), gi), cmask)
+    # Atom's per-group dequantization inside the K loop (SPEC.md 1.2).
+    return acc + part.astype(jnp.float32) * (xs[:, None] * ws[None, :])
+
+  acc = lax.fori_loop(0, n_groups, body, jnp.zeros((bm, bn), jnp.float32))
+  if n_out:
+    tail = jnp.zeros((bm, bn), jnp.int32)
+    for j in range(pl.cdiv(n_out, bk_out)):  # static: the tail is a few K steps
+      k0 = j * bk_out
+      kmask = None
+      if (j + 1) * bk_out > n_out:
+        k0 = pl.program_id(0) * 0 + k0  # traced start: the block runs past n_out (masked)
+        kmask = (k0 + lax.broadcasted_iota(jnp.int32, (bk_out,), 0) < n_out)[None, :]
+      a = _load(xo_ref, (pl.ds(m0, bm), pl.ds(k0, bk_out)), _and_masks(xmask, kmask))
+      b = _load(wo_ref, (pl.ds(n0, bn), pl.ds(k0, bk_out)), _and_masks(wmask, kmask))
+      tail = tail + _dot_nt(a, b, jnp.int32)
+    xos = _load(xos_ref, (pl.ds(m0, bm), 0), rmask)
+    wos = _load(wos_ref, (pl.ds(n0, bn), 0), cmask)
+    acc = acc + tail.astype(jnp.float32) * (xos[:, None] * wos[None, :])
+  idx = (pl.ds(m0, bm), pl.ds(n0, bn))
+  omask = _and_masks(xmask, None if cmask is None else cmask[None, :])
+  out = acc.astype(o_ref.dtype)
+  if omask is None:
+    o_ref[idx] = out
+  else:
+    plgpu.store(o_ref.at[idx], out, mask=jnp.broadcast_to(omask, out.shape))
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "out_dtype", "block_sizes",
+                                             "interpret"))
+def w4a4_matmul(x_codes, x_scales, w_codes, w_scales, x_out=None, x_out_scales=None,
+                w_out=None, w_out_scales=None, *, group_size: int = 128,
+                out_dtype=jnp.bfloat16, block_sizes: BlockSizes | None = None,
+                interpret: bool = False):
+  """Atom W4A4 (+ int8 tail) on the GPU; see `reference.w4a4_matmul`."""
+  reference.validate_w4a4(x_codes, x_scales, w_codes, w_scales, x_out, x_out_scales,
+                          w_out, w_out_scales, group_size=group_size)
+  half = group_size // 2
+  if half < 16 or half & (half - 1):
+    raise NotImplementedError(
+        f"pallas_gpu w4a4_matmul: {group_size=} gives a K step of {half}; Triton needs a "
+        "power of two >= 16")
+  m, n = x_codes.shape[0], w_codes.shape[0]
+  k_main = 2 * x_codes.shape[1]
+  n_out = 0 if x_out is None else x_out.shape[1]
+  bs = block_sizes or BlockSizes.get_default("w4a4", m, n, k_main + n_out)
+  bs.validate()
+  bk_out = min(128, max(16, 1 << (max(n_out, 1) - 1).bit_length()))
+  tiles = pl.cdiv(m, bs.block_m) * pl.cdiv(n, bs.block_n)
+  kernel = functools.partial(_w4a4_kernel, m=m, n=n, g=group_size,
+                             n_groups=k_main // group_size, n_out=n_out, bk_out=bk_out,
+                             bs=bs)
+  args = [x_codes, x_scales, w_codes, w_scales]
+  if n_out:
+    args += [x_out, x_out_scales, w_out, w_out_scales]
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+      grid=(tiles,),
+      compiler_params=_compiler_params(bs),
+      interpret=interpret,
+      name=f"w4a4_g{group_size}_tail{n_out}",
+  )(*args)

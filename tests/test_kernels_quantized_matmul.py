@@ -1,0 +1,407 @@
+"""Quantized matmul kernels on the CPU: references, Pallas kernels in interpret mode, dispatch.
+
+Two error budgets (STYLE.md 13):
+  * quantization error: the reference on quantized inputs against the float product,
+    bounded per bit width (QUANT_BUDGET);
+  * kernel error: a kernel against the reference on the SAME quantized inputs, tight
+    (KERNEL_BUDGET, by output dtype: bf16 rounding of the output dominates).
+Inputs are fresh random draws (never zeros) seeded from the test's parameters; shapes
+include M = 1 and non-multiples of every block. GPU kernels run with interpret=True, TPU
+kernels under pltpu.InterpretParams() (which also flags out-of-bounds reads), with the
+TPU wrapper's padding filled with NaN: a NaN in a result would prove a read of padding.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.quantized_matmul import api
+from pallas_kernels.quantized_matmul import gpu
+from pallas_kernels.quantized_matmul import reference as ref
+from pallas_kernels.quantized_matmul import tpu
+from pallas_kernels.quantized_matmul.config import BlockSizes, TpuBlockSizes
+
+# Relative (Frobenius) error of the reference on quantized operands vs the float product.
+QUANT_BUDGET = {8: 0.02, 4: 0.2, "fp8": 0.08}
+# Kernel vs reference on the same quantized inputs, by output dtype.
+KERNEL_BUDGET = {jnp.bfloat16: 4e-3, jnp.float32: 1e-5}
+NAN = float("nan")
+
+
+def rel_err(out, want) -> float:
+  a = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+  b = np.asarray(jnp.asarray(want, jnp.float32), np.float64)
+  assert np.all(np.isfinite(a)), "non-finite values in the result"
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def keys(*params, n=8):
+  seed = zlib.crc32(repr(params).encode())
+  return jax.random.split(jax.random.key(seed), n)
+
+
+# ---------------------------------------------------------------------------------------
+# Quantizers for the tests (round to nearest; the library's own live in lowbit/)
+
+
+def quantize_weight(w, bits, g, symmetric):
+  """float [N, K] -> (codes, scales, zeros) in the kernels' format."""
+  n, k = w.shape
+  wg = w.reshape(n, k // g, g)
+  qmax = 2 ** (bits - 1) - 1
+  if symmetric:
+    scale = jnp.max(jnp.abs(wg), axis=-1) / qmax
+    codes = jnp.clip(jnp.round(wg / scale[..., None]), -qmax - 1, qmax).astype(jnp.int8)
+    zeros = None
+  else:
+    lo, hi = jnp.min(wg, axis=-1), jnp.max(wg, axis=-1)
+    scale = (hi - lo) / (2 ** bits - 1)
+    zeros = jnp.round(-lo / scale)
+    codes = jnp.clip(jnp.round(wg / scale[..., None]) + zeros[..., None], 0,
+                     2 ** bits - 1).astype(jnp.uint8)
+  codes = codes.reshape(n, k)
+  if bits == 4:
+    codes = ref.pack_4bit(codes, g)
+  return codes, scale.astype(jnp.float32), zeros
+
+
+def quantize_rows(a, bits=8, g=None):
+  """Symmetric per-row (or per-row-group) quantization: (codes int8, scales f32)."""
+  r, k = a.shape
+  g = g or k
+  ag = a.reshape(r, k // g, g)
+  qmax = 2 ** (bits - 1) - 1
+  scale = jnp.max(jnp.abs(ag), axis=-1) / qmax
+  codes = jnp.clip(jnp.round(ag / scale[..., None]), -qmax - 1, qmax).astype(jnp.int8)
+  return codes.reshape(r, k), scale.astype(jnp.float32)
+
+
+def random_weight_only(params, m, n, k, g, bits, symmetric, dtype=jnp.bfloat16):
+  """Random x and random codes (the full code range) with positive scales."""
+  k0, k1, k2, k3 = keys(*params, n=4)
+  x = jax.random.normal(k0, (m, k), jnp.float32).astype(dtype)
+  if symmetric:
+    lo, hi, dt = -(2 ** (bits - 1)), 2 ** (bits - 1), jnp.int8
+  else:
+    lo, hi, dt = 0, 2 ** bits, jnp.uint8
+  codes = jax.random.randint(k1, (n, k), lo, hi).astype(dt)
+  if bits == 4:
+    codes = ref.pack_4bit(codes, g)
+  scales = jax.random.uniform(k2, (n, k // g), jnp.float32, 0.01, 0.03)
+  zeros = None if symmetric else jax.random.uniform(k3, (n, k // g), jnp.float32, 0,
+                                                    2 ** bits - 1)
+  return x, codes, scales, zeros
+
+
+def random_w4a4(params, m, n, k_main, n_out, g):
+  ks = keys(*params, n=8)
+  pk = lambda kk, r: ref.pack_4bit(jax.random.randint(kk, (r, k_main), -8, 8)
+                                   .astype(jnp.int8), g)
+  sc = lambda kk, shape: jax.random.uniform(kk, shape, jnp.float32, 0.01, 0.03)
+  args = [pk(ks[0], m), sc(ks[1], (m, k_main // g)), pk(ks[2], n), sc(ks[3], (n, k_main // g))]
+  if n_out:
+    args += [jax.random.randint(ks[4], (m, n_out), -127, 128).astype(jnp.int8),
+             sc(ks[5], (m, 1)),
+             jax.random.randint(ks[6], (n, n_out), -127, 128).astype(jnp.int8),
+             sc(ks[7], (n, 1))]
+  return args
+
+
+def random_scaled(params, m, n, k, dtype):
+  ks = keys(*params, n=4)
+  if dtype == jnp.int8:
+    mk = lambda kk, r: jax.random.randint(kk, (r, k), -127, 128).astype(jnp.int8)
+  else:
+    mk = lambda kk, r: jax.random.normal(kk, (r, k), jnp.float32).astype(dtype)
+  return (mk(ks[0], m), jax.random.uniform(ks[1], (m, 1), jnp.float32, 0.01, 0.03),
+          mk(ks[2], n), jax.random.uniform(ks[3], (n, 1), jnp.float32, 0.01, 0.03))
+
+
+# ---------------------------------------------------------------------------------------
+# Format and references
+
+
+def test_packing_matches_lowbit_qtensor():
+  """The kernels' 4-bit packing is the QTensor's "group_halves" packing."""
+  from lowbit import qtensor  # pylint: disable=g-import-not-at-top
+  for dt, lo, hi in ((jnp.int8, -8, 8), (jnp.uint8, 0, 16)):
+    for g in (32, 64, 128):
+      codes = jax.random.randint(keys(dt, g)[0], (5, 256), lo, hi).astype(dt)
+      packed = ref.pack_4bit(codes, g)
+      np.testing.assert_array_equal(packed, qtensor.pack_4bit(codes, g))
+      np.testing.assert_array_equal(ref.unpack_4bit(packed, g), codes)
+
+
+def test_reference_golden():
+  # K = 4, one group of 4, symmetric: codes [3, -2, 7, -8] pack as byte 0 = (3, 7),
+  # byte 1 = (-2, -8); scale 0.5 -> w = [1.5, -1, 3.5, -4]; x = [1, 2, 3, 4] ->
+  # y = 1.5 - 2 + 10.5 - 16 = -6.
+  codes = jnp.array([[3, -2, 7, -8]], jnp.int8)
+  packed = ref.pack_4bit(codes, 4)
+  assert packed.tolist() == [[0x73, -128 + 0x0E]]  # 0x73 = (7 << 4) | 3; 0x8E as int8
+  y = ref.weight_only_matmul(jnp.array([[1.0, 2, 3, 4]]), packed, jnp.full((1, 1), 0.5),
+                             bits=4, group_size=4)
+  assert float(y[0, 0]) == -6.0
+
+
+@pytest.mark.parametrize("bits,g,symmetric", [(4, 32, True), (4, 64, False), (4, 128, True),
+                                              (8, 64, True), (8, 128, False)])
+def test_weight_only_quantization_error(bits, g, symmetric):
+  k0, k1 = keys(bits, g, symmetric, n=2)
+  w = jax.random.normal(k0, (96, 512), jnp.float32)
+  x = jax.random.normal(k1, (7, 512), jnp.float32)
+  codes, scales, zeros = quantize_weight(w, bits, g, symmetric)
+  y = ref.weight_only_matmul(x, codes, scales, zeros, bits=bits, group_size=g)
+  assert rel_err(y, x @ w.T) < QUANT_BUDGET[bits]
+
+
+def test_scaled_references_quantization_error():
+  k0, k1 = keys("scaled", n=2)
+  w = jax.random.normal(k0, (64, 384), jnp.float32)
+  x = jax.random.normal(k1, (9, 384), jnp.float32)
+  exact = x @ w.T
+  (xc, xs), (wc, ws) = quantize_rows(x), quantize_rows(w)
+  assert rel_err(ref.int8_matmul(xc, xs, wc, ws, out_dtype=jnp.float32), exact) < \
+      QUANT_BUDGET[8]
+  f8 = jnp.float8_e4m3fn
+  xf, wf = (x / 0.01).astype(f8), (w / 0.01).astype(f8)
+  ones = lambda r: jnp.full((r, 1), 0.01, jnp.float32)
+  assert rel_err(ref.fp8_matmul(xf, ones(9), wf, ones(64), out_dtype=jnp.float32),
+                 exact) < QUANT_BUDGET["fp8"]
+  # Atom: 256 channels in 4-bit groups of 128 and a 128-channel int8 tail.
+  (xq, xqs), (wq, wqs) = quantize_rows(x[:, :256], 4, 128), quantize_rows(w[:, :256], 4, 128)
+  (xo, xos), (wo, wos) = quantize_rows(x[:, 256:]), quantize_rows(w[:, 256:])
+  y = ref.w4a4_matmul(ref.pack_4bit(xq, 128), xqs, ref.pack_4bit(wq, 128), wqs, xo, xos,
+                      wo, wos, group_size=128, out_dtype=jnp.float32)
+  assert rel_err(y, exact) < QUANT_BUDGET[4]
+
+
+# ---------------------------------------------------------------------------------------
+# GPU (Triton) kernels in interpret mode
+
+WO_CASES = [
+    # m, n, k, g, bits, symmetric, dtype, block sizes
+    (1, 33, 256, 32, 4, True, jnp.bfloat16, BlockSizes(16, 16, split_k=2)),
+    (1, 100, 512, 128, 4, True, jnp.float32, BlockSizes(16, 32, split_k=4, code_word=16)),
+    (2, 70, 256, 128, 4, False, jnp.bfloat16, BlockSizes(16, 32, join_halves=True)),
+    (5, 64, 256, 64, 4, False, jnp.bfloat16, BlockSizes(16, 32, code_word=16)),
+    (17, 40, 256, 128, 4, False, jnp.bfloat16, BlockSizes(16, 16, split_k=2)),
+    (130, 48, 256, 64, 4, True, jnp.bfloat16, BlockSizes(64, 32, group_m=2)),
+    (300, 24, 256, 128, 4, True, jnp.bfloat16, BlockSizes(128, 16, group_m=4)),
+    (3, 50, 256, 32, 8, True, jnp.bfloat16, BlockSizes(16, 32)),
+    (20, 36, 256, 64, 8, False, jnp.float32, BlockSizes(16, 16, split_k=4)),
+]
+
+
+@pytest.mark.parametrize("m,n,k,g,bits,symmetric,dtype,bs", WO_CASES)
+def test_gpu_weight_only_interpret(m, n, k, g, bits, symmetric, dtype, bs):
+  x, codes, scales, zeros = random_weight_only((m, n, k, g, bits, symmetric), m, n, k, g,
+                                               bits, symmetric, dtype)
+  want = ref.weight_only_matmul(x, codes, scales, zeros, bits=bits, group_size=g)
+  out = gpu.weight_only_matmul(x, codes, scales, zeros, bits=bits, group_size=g,
+                               block_sizes=bs, interpret=True)
+  assert out.shape == (m, n) and out.dtype == dtype
+  assert rel_err(out, want) <= KERNEL_BUDGET[dtype]
+
+
+@pytest.mark.parametrize("m,n,k,bk", [(1, 40, 200, 64), (70, 20, 96, 64)])
+@pytest.mark.parametrize("op", ["int8", "fp8"])
+def test_gpu_scaled_interpret(op, m, n, k, bk):
+  dtype = jnp.int8 if op == "int8" else jnp.float8_e4m3fn
+  args = random_scaled((op, m, n, k), m, n, k, dtype)
+  fn, rfn = ((gpu.int8_matmul, ref.int8_matmul) if op == "int8"
+             else (gpu.fp8_matmul, ref.fp8_matmul))
+  bs = BlockSizes(16 if m < 64 else 64, 32, bk)
+  out = fn(*args, block_sizes=bs, interpret=True)
+  assert rel_err(out, rfn(*args)) <= KERNEL_BUDGET[jnp.bfloat16]
+
+
+@pytest.mark.parametrize("m,n,k_main,n_out,g", [(1, 40, 256, 0, 128), (5, 64, 256, 24, 64),
+                                                (40, 33, 256, 128, 128)])
+def test_gpu_w4a4_interpret(m, n, k_main, n_out, g):
+  args = random_w4a4((m, n, k_main, n_out, g), m, n, k_main, n_out, g)
+  bs = BlockSizes(16 if m < 64 else 64, 32)
+  out = gpu.w4a4_matmul(*args, group_size=g, block_sizes=bs, interpret=True)
+  assert rel_err(out, ref.w4a4_matmul(*args, group_size=g)) <= KERNEL_BUDGET[jnp.bfloat16]
+
+
+def test_gpu_refuses_what_it_cannot_serve():
+  x, codes, scales, _ = random_weight_only(("refuse",), 4, 32, 256, 16, 4, True)
+  with pytest.raises(NotImplementedError, match="K step"):  # 8 codes per dot < 16
+    gpu.weight_only_matmul(x, codes, scales, bits=4, group_size=16, interpret=True)
+  x, codes, scales, _ = random_weight_only(("refuse2",), 4, 32, 256, 128, 4, True)
+  with pytest.raises(NotImplementedError, match="split_k"):
+    gpu.weight_only_matmul(x, codes, scales, bits=4, group_size=128, interpret=True,
+                           block_sizes=BlockSizes(16, 16, split_k=3))
+  with pytest.raises(NotImplementedError, match="float16"):
+    gpu.weight_only_matmul(x.astype(jnp.float16), codes, scales, bits=4, group_size=128,
+                           interpret=True)
+  with pytest.raises(ValueError, match="block_n"):
+    BlockSizes(16, 24).validate()
+
+
+def test_default_block_sizes_are_valid():
+  for m in (1, 7, 16, 17, 64, 100, 256, 1000, 4096):
+    for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (100, 384)):
+      for op in ("weight_only", "int8", "fp8", "w4a4"):
+        bs = BlockSizes.get_default(op, m, n, k, group_size=128, bits=4)
+        bs.validate()
+        if op == "weight_only":
+          assert (k // 128) % bs.split_k == 0
+      tb = TpuBlockSizes.get_default(m, n, k, group_size=128, bits=4)
+      assert k % tb.block_k == 0 and tb.block_n % 128 == 0 and tb.block_m % 8 == 0
+
+
+# ---------------------------------------------------------------------------------------
+# TPU (Mosaic) kernels under TPU interpret mode, padding poisoned with NaN
+
+INTERPRET_TPU = pltpu.InterpretParams()
+
+
+@pytest.mark.parametrize("m,n,k,g,bits,symmetric,dtype,bs", [
+    (3, 130, 512, 64, 4, True, jnp.bfloat16, TpuBlockSizes(16, 128, 256)),
+    (20, 100, 256, 128, 4, False, jnp.float32, TpuBlockSizes(16, 128, 256)),
+    (9, 129, 256, 32, 8, False, jnp.bfloat16, TpuBlockSizes(16, 128, 128)),
+])
+def test_tpu_weight_only_interpret(m, n, k, g, bits, symmetric, dtype, bs):
+  x, codes, scales, zeros = random_weight_only(("tpu", m, n, k, g), m, n, k, g, bits,
+                                               symmetric, dtype)
+  out = tpu.weight_only_matmul(x, codes, scales, zeros, bits=bits, group_size=g,
+                               block_sizes=bs, interpret=INTERPRET_TPU, pad_value=NAN)
+  want = ref.weight_only_matmul(x, codes, scales, zeros, bits=bits, group_size=g)
+  assert rel_err(out, want) <= KERNEL_BUDGET[dtype]
+
+
+def test_tpu_int8_and_w4a4_interpret():
+  args = random_scaled(("tpu-int8",), 5, 140, 384, jnp.int8)
+  out = tpu.int8_matmul(*args, block_sizes=TpuBlockSizes(32, 128, 128),
+                        interpret=INTERPRET_TPU, pad_value=NAN)
+  assert rel_err(out, ref.int8_matmul(*args)) <= KERNEL_BUDGET[jnp.bfloat16]
+  args = random_w4a4(("tpu-w4a4",), 5, 140, 512, 128, 128)
+  out = tpu.w4a4_matmul(*args, group_size=128, block_sizes=TpuBlockSizes(32, 128, 256),
+                        interpret=INTERPRET_TPU, pad_value=NAN)
+  assert rel_err(out, ref.w4a4_matmul(*args)) <= KERNEL_BUDGET[jnp.bfloat16]
+
+
+def test_tpu_refuses_k_blocks_that_do_not_tile():
+  x, codes, scales, _ = random_weight_only(("tpu-refuse",), 4, 128, 768, 128, 4, True)
+  with pytest.raises(NotImplementedError, match="block_k"):
+    tpu.weight_only_matmul(x, codes, scales, bits=4, group_size=128,
+                           block_sizes=TpuBlockSizes(16, 128, 512),
+                           interpret=INTERPRET_TPU)
+
+
+# ---------------------------------------------------------------------------------------
+# The dispatcher
+
+
+def test_api_dispatch():
+  x, codes, scales, zeros = random_weight_only(("api",), 3, 40, 256, 128, 4, False)
+  want = ref.weight_only_matmul(x, codes, scales, zeros, bits=4, group_size=128)
+  # On the CPU the default order is the reference alone.
+  np.testing.assert_array_equal(
+      api.weight_only_matmul(x, codes, scales, zeros, bits=4, group_size=128), want)
+  out = api.weight_only_matmul(x, codes, scales, zeros, bits=4, group_size=128,
+                               implementation="pallas_gpu", interpret=True)
+  assert rel_err(out, want) <= KERNEL_BUDGET[jnp.bfloat16]
+  # An explicit order falls through a kernel that refuses the case (group 16 -> K step 8).
+  x, codes, scales, _ = random_weight_only(("api2",), 3, 40, 256, 16, 4, True)
+  out = api.weight_only_matmul(x, codes, scales, bits=4, group_size=16,
+                               implementation=("pallas_gpu", "xla"), interpret=True)
+  np.testing.assert_array_equal(out, ref.weight_only_matmul(x, codes, scales, bits=4,
+                                                            group_size=16))
+  with pytest.raises(NotImplementedError):  # pinned: the refusal propagates
+    api.weight_only_matmul(x, codes, scales, bits=4, group_size=16,
+                           implementation="pallas_gpu", interpret=True)
+  with pytest.raises(ValueError, match="implementation"):
+    api.weight_only_matmul(x, codes, scales, bits=4, group_size=16, implementation="cuda")
+  with pytest.raises(TypeError, match="TpuBlockSizes"):
+    api.weight_only_matmul(x, codes, scales, bits=4, group_size=16,
+                           implementation="pallas_tpu", block_sizes=BlockSizes())
+  # The production XLA path rounds the dequantized weights to x.dtype: bf16-close.
+  out = api.weight_only_matmul(x, codes, scales, bits=4, group_size=16,
+                               implementation="xla_dequant")
+  assert rel_err(out, ref.weight_only_matmul(x, codes, scales, bits=4, group_size=16)) < 1e-2
+
+
+def test_api_gpu_order_by_shape(monkeypatch):
+  """On a GPU the order depends on M (measured crossovers, api.py)."""
+  monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+  small, large = api.WEIGHT_ONLY_GPU_MAX_M, api.WEIGHT_ONLY_GPU_MAX_M + 1
+  assert api._order("weight_only_matmul", None, small)[0] == "pallas_gpu"
+  assert api._order("weight_only_matmul", None, large)[0] == "xla_dequant"
+  assert api._order("fp8", None, api.FP8_GPU_MAX_M) == ("pallas_gpu", "xla")
+  assert api._order("fp8", None, api.FP8_GPU_MAX_M + 1) == ("xla",)
+  assert api._order("int8_matmul", None, 4096) == ("pallas_gpu", "xla")
+  monkeypatch.setattr(api.jax, "default_backend", lambda: "tpu")
+  assert api._order("w4a4_matmul", None, 1) == ("pallas_tpu", "xla")
+
+
+def test_api_covers_every_op():
+  args = random_scaled(("api-int8",), 4, 24, 64, jnp.int8)
+  np.testing.assert_array_equal(api.int8_matmul(*args), ref.int8_matmul(*args))
+  args = random_scaled(("api-fp8",), 4, 24, 64, jnp.float8_e4m3fn)
+  np.testing.assert_array_equal(api.fp8_matmul(*args), ref.fp8_matmul(*args))
+  args = random_w4a4(("api-w4a4",), 4, 24, 256, 32, 128)
+  np.testing.assert_array_equal(api.w4a4_matmul(*args), ref.w4a4_matmul(*args))
+
+
+# ---------------------------------------------------------------------------------------
+# Lowering checks for the real targets, where the CPU can lower them
+
+sds = jax.ShapeDtypeStruct
+F32, BF16, I8, U8 = jnp.float32, jnp.bfloat16, jnp.int8, jnp.uint8
+LOWERING_CASES = {
+    "w4a16_sym_split": (functools.partial(gpu.weight_only_matmul, bits=4, group_size=128),
+                        (sds((1, 4096), BF16), sds((4096, 2048), I8), sds((4096, 32), F32))),
+    "w4a16_asym_cw16": (functools.partial(gpu.weight_only_matmul, bits=4, group_size=64,
+                                          block_sizes=BlockSizes(16, 64, code_word=16)),
+                        (sds((13, 1024), BF16), sds((300, 512), U8), sds((300, 16), F32),
+                         sds((300, 16), F32))),
+    "w8a16_large": (functools.partial(gpu.weight_only_matmul, bits=8, group_size=128),
+                    (sds((1000, 1024), BF16), sds((512, 1024), I8), sds((512, 8), F32))),
+    "int8": (gpu.int8_matmul, (sds((300, 1000), I8), sds((300, 1), F32),
+                               sds((513, 1000), I8), sds((513, 1), F32))),
+    "fp8": (gpu.fp8_matmul, (sds((77, 1024), jnp.float8_e4m3fn), sds((77, 1), F32),
+                             sds((300, 1024), jnp.float8_e4m3fn), sds((300, 1), F32))),
+    "w4a4_tail": (gpu.w4a4_matmul, (sds((3, 448), I8), sds((3, 7), F32), sds((256, 448), I8),
+                                    sds((256, 7), F32), sds((3, 128), I8), sds((3, 1), F32),
+                                    sds((256, 128), I8), sds((256, 1), F32))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOWERING_CASES))
+def test_gpu_kernels_lower_for_cuda(name):
+  fn, args = LOWERING_CASES[name]
+  try:
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  except Exception as e:  # pylint: disable=broad-except
+    # jaxlib >= 0.11 compiles the Triton IR while lowering, which needs the CUDA plugin.
+    if "gpu" in str(e).lower() and "triton" in str(e).lower() or "cuda" in str(e).lower():
+      pytest.skip(f"this jaxlib cannot lower Triton kernels without a GPU: {e}")
+    raise
+  assert "triton" in text
+
+
+@pytest.mark.parametrize("name,fn,args", [
+    ("w4a16", functools.partial(tpu.weight_only_matmul, bits=4, group_size=128),
+     (sds((16, 1024), BF16), sds((512, 512), I8), sds((512, 8), F32))),
+    ("w8a16_asym", functools.partial(tpu.weight_only_matmul, bits=8, group_size=64),
+     (sds((16, 1024), BF16), sds((512, 1024), U8), sds((512, 16), F32), sds((512, 16), F32))),
+    ("int8", tpu.int8_matmul, (sds((64, 1024), I8), sds((64, 1), F32), sds((512, 1024), I8),
+                               sds((512, 1), F32))),
+    ("w4a4", tpu.w4a4_matmul, (sds((64, 448), I8), sds((64, 7), F32), sds((512, 448), I8),
+                               sds((512, 7), F32), sds((64, 128), I8), sds((64, 1), F32),
+                               sds((512, 128), I8), sds((512, 1), F32))),
+])
+def test_tpu_kernels_lower_for_tpu(name, fn, args):
+  del name
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+  assert "tpu_custom_call" in text
