@@ -372,7 +372,7 @@ def int8_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
                 w_scales: jax.Array, *, out_dtype=jnp.bfloat16,
                 block_sizes: BlockSizes | None = None, interpret: bool = False):
   """W8A8 on the GPU; see `reference.int8_matmul`."""
-  reference.validate_int8(x_codes, x_scales, w_codes, w_scales)
+  reference.validate_scaled(x_codes, x_scales, w_codes, w_scales, jnp.int8)
   return _scaled_mm(x_codes, x_scales, w_codes, w_scales, op="int8", acc_dtype=jnp.int32,
                     out_dtype=out_dtype, block_sizes=block_sizes, interpret=interpret)
 
@@ -382,7 +382,7 @@ def fp8_matmul(x: jax.Array, x_scales: jax.Array, w: jax.Array, w_scales: jax.Ar
                out_dtype=jnp.bfloat16, block_sizes: BlockSizes | None = None,
                interpret: bool = False):
   """FP8 (e4m3) W8A8 on the GPU; see `reference.fp8_matmul`."""
-  reference.validate_fp8(x, x_scales, w, w_scales)
+  reference.validate_scaled(x, x_scales, w, w_scales, jnp.float8_e4m3fn)
   return _scaled_mm(x, x_scales, w, w_scales, op="fp8", acc_dtype=jnp.float32,
                     out_dtype=out_dtype, block_sizes=block_sizes, interpret=interpret)
 

@@ -87,28 +87,18 @@ def validate_weight_only(x, codes, scales, zeros, *, bits: int, group_size: int)
     raise ValueError(f"{x.dtype=} must be a float type")
 
 
-def validate_int8(x_codes, x_scales, w_codes, w_scales) -> None:
-  m, k = x_codes.shape
-  n = w_codes.shape[0]
-  if x_codes.dtype != jnp.int8 or w_codes.dtype != jnp.int8:
-    raise ValueError(f"{x_codes.dtype=} {w_codes.dtype=} must both be int8")
-  if w_codes.shape != (n, k):
-    raise ValueError(f"{w_codes.shape=} must be [N, {k}] (contraction axis minor)")
-  if x_scales.shape != (m, 1) or w_scales.shape != (n, 1):
-    raise ValueError(f"{x_scales.shape=} {w_scales.shape=} must be [{m}, 1] and [{n}, 1]")
-  if x_scales.dtype != jnp.float32 or w_scales.dtype != jnp.float32:
-    raise ValueError(f"{x_scales.dtype=} {w_scales.dtype=} must be float32")
-
-
-def validate_fp8(x, x_scales, w, w_scales) -> None:
+def validate_scaled(x, x_scales, w, w_scales, operand_dtype) -> None:
+  """Checks a per-token x per-channel scaled product: x [M, K], w [N, K], scales float32."""
   m, k = x.shape
   n = w.shape[0]
-  if x.dtype != jnp.float8_e4m3fn or w.dtype != jnp.float8_e4m3fn:
-    raise ValueError(f"{x.dtype=} {w.dtype=} must both be float8_e4m3fn")
+  if x.dtype != operand_dtype or w.dtype != operand_dtype:
+    raise ValueError(f"{x.dtype=} {w.dtype=} must both be {jnp.dtype(operand_dtype).name}")
   if w.shape != (n, k):
     raise ValueError(f"{w.shape=} must be [N, {k}] (contraction axis minor)")
   if x_scales.shape != (m, 1) or w_scales.shape != (n, 1):
     raise ValueError(f"{x_scales.shape=} {w_scales.shape=} must be [{m}, 1] and [{n}, 1]")
+  if x_scales.dtype != jnp.float32 or w_scales.dtype != jnp.float32:
+    raise ValueError(f"{x_scales.dtype=} {w_scales.dtype=} must be float32")
 
 
 def validate_w4a4(x_codes, x_scales, w_codes, w_scales, x_out, x_out_scales, w_out,
@@ -184,7 +174,7 @@ def weight_only_matmul_dequant_dot(x: jax.Array, codes: jax.Array, scales: jax.A
 def int8_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
                 w_scales: jax.Array, *, out_dtype=jnp.bfloat16) -> jax.Array:
   """W8A8: int8 [M, K] x int8 [N, K] -> int32, times x_scales [M,1] * w_scales[N,1].T."""
-  validate_int8(x_codes, x_scales, w_codes, w_scales)
+  validate_scaled(x_codes, x_scales, w_codes, w_scales, jnp.int8)
   acc = lax.dot_general(x_codes, w_codes, _NT, preferred_element_type=jnp.int32)
   return (acc.astype(jnp.float32) * x_scales * w_scales.T).astype(out_dtype)
 
@@ -197,7 +187,7 @@ def fp8_matmul(x: jax.Array, x_scales: jax.Array, w: jax.Array, w_scales: jax.Ar
   The dot takes the fp8 operands as they are (never "dequantize then dot", which keeps XLA
   off its fp8 GEMM, PEERS.md 6.3), so on a GPU this is XLA's own fp8 dot.
   """
-  validate_fp8(x, x_scales, w, w_scales)
+  validate_scaled(x, x_scales, w, w_scales, jnp.float8_e4m3fn)
   acc = lax.dot_general(x, w, _NT, preferred_element_type=jnp.float32)
   return (acc * x_scales * w_scales.T).astype(out_dtype)
 

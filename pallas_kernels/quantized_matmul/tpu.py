@@ -189,7 +189,7 @@ def int8_matmul(x_codes, x_scales, w_codes, w_scales, *, out_dtype=jnp.bfloat16,
                 block_sizes: TpuBlockSizes | None = None, interpret=False,
                 pad_value: float = 0.0):
   """W8A8 on the TPU; see `reference.int8_matmul`."""
-  reference.validate_int8(x_codes, x_scales, w_codes, w_scales)
+  reference.validate_scaled(x_codes, x_scales, w_codes, w_scales, jnp.int8)
   m, k = x_codes.shape
   n = w_codes.shape[0]
   bs = block_sizes or TpuBlockSizes.get_default(m, n, k, group_size=128, bits=8)
