@@ -9,7 +9,9 @@ refused with a clear error.
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import contextvars
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +27,23 @@ _LINEAR_IMPLS: dict[type, Callable[[jax.Array, object], jax.Array]] = {}
 def register_linear_impl(leaf_type: type, impl: Callable[[jax.Array, object], jax.Array]):
   """Lets a weight format (QTensor, low-rank pair) serve `Linear` without touching models."""
   _LINEAR_IMPLS[leaf_type] = impl
+
+
+# While set (inside `capture_linear_inputs`), every `Linear` call reports (module, input):
+# calibration reads each layer's inputs this way. Unset, it costs one lookup per call.
+_INPUT_CAPTURE: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "lowbit_linear_input_capture", default=None)
+
+
+@contextlib.contextmanager
+def capture_linear_inputs(callback: Callable[["Linear", jax.Array], None]) -> Iterator[None]:
+  """Within the block, `callback(module, x)` sees the input x [..., in] of every `Linear`
+  call (traced values when the call runs under jit)."""
+  token = _INPUT_CAPTURE.set(callback)
+  try:
+    yield
+  finally:
+    _INPUT_CAPTURE.reset(token)
 
 
 def linear(x: jax.Array, weight) -> jax.Array:
@@ -55,10 +74,11 @@ def qtensor_linear(x: jax.Array, q: QTensor) -> jax.Array:
 def _fake_quantize_input(x, q):
   """x [..., K] on the grid of q.act_quant (see lowbit.qtensor), back in the original order."""
   if q.act_quant == "int8_token":
-    return fake_quantize(x, bits=8)
+    return fake_quantize(x, bits=8, clip_ratio=q.act_clip)
   if q.perm is not None:
     x = x[..., q.perm]
-  x = fake_quantize(x, bits=4, group_size=q.group_size, num_outliers=q.num_outliers)
+  x = fake_quantize(x, bits=4, group_size=q.group_size, num_outliers=q.num_outliers,
+                    clip_ratio=q.act_clip)
   if q.perm is not None:
     x = jnp.zeros_like(x).at[..., q.perm].set(x)
   return x
@@ -84,6 +104,9 @@ class Linear(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    capture = _INPUT_CAPTURE.get()
+    if capture is not None:
+      capture(self, x)
     y = linear(x, self.weight.get_value())
     if self.bias is not None:
       y = y + self.bias.get_value().astype(y.dtype)

@@ -32,6 +32,9 @@ Invariants (checked by `validate`):
     "int4_group" (Atom W4A4: the gathered input in groups of `group_size`, symmetric 4-bit
     per token, and the tail in symmetric int8 per token; no clipping, as Atom's runtime
     kernels, SPEC.md 1.2).
+  * act_clip in (0, 1]: the activation quantizer's scale is act_clip * max|x| / (2**(b-1) - 1)
+    on the main part (Atom's simulation clips at 0.9; its CUDA kernels and the default, 1.0,
+    do not clip); the int8 tail is never clipped.
 
 Sharding: codes, scales and zeros split along the weight's axes (`qtensor_sharding`).
 """
@@ -68,6 +71,7 @@ class QTensor:
   dtype: str = "float32"
   # The activation quantizer this weight expects (None: activations stay in float).
   act_quant: Literal[None, "int8_token", "int4_group"] = None
+  act_clip: float = 1.0
 
   @property
   def symmetric(self) -> bool:
@@ -95,7 +99,8 @@ class QTensor:
 
 
 DATA_FIELDS = ("codes", "scales", "zeros", "outlier_codes", "outlier_scales", "perm")
-META_FIELDS = ("shape", "bits", "group_size", "num_outliers", "dtype", "act_quant")
+META_FIELDS = ("shape", "bits", "group_size", "num_outliers", "dtype", "act_quant",
+               "act_clip")
 jax.tree_util.register_dataclass(QTensor, data_fields=list(DATA_FIELDS),
                                  meta_fields=list(META_FIELDS))
 
@@ -160,6 +165,8 @@ def validate(q: QTensor) -> None:
     raise ValueError(f"4-bit packing needs an even group_size, got {q.group_size}")
   if q.act_quant not in ACT_QUANTS:
     raise ValueError(f"QTensor act_quant={q.act_quant!r} is not one of {ACT_QUANTS}")
+  if not 0.0 < q.act_clip <= 1.0:
+    raise ValueError(f"QTensor act_clip={q.act_clip} must be in (0, 1]")
 
   def expect(name, array, shape, dtype):
     if array is None:

@@ -161,12 +161,17 @@ class DecoderLM(nnx.Module):
     return tuple(DenseKVCache.zeros(batch, max_len, c.num_kv_heads, c.head_dim, self.dtype)
                  for _ in range(c.num_layers))
 
-  def hidden_states(self, tokens: jax.Array, *, start=0, cache=None, prefill: bool = False):
-    """tokens [B, T] at positions start.. -> (final-normed hidden [B, T, D], cache)."""
-    positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+  def embed_inputs(self, tokens: jax.Array) -> jax.Array:
+    """tokens [B, T] -> the first block's input [B, T, D] (scaled for Gemma)."""
     x = self.embed(tokens)
     if self.config.scale_embeddings:
       x = x * jnp.asarray(self.config.hidden_size**0.5, x.dtype)
+    return x
+
+  def hidden_states(self, tokens: jax.Array, *, start=0, cache=None, prefill: bool = False):
+    """tokens [B, T] at positions start.. -> (final-normed hidden [B, T, D], cache)."""
+    positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    x = self.embed_inputs(tokens)
     new_cache = []
     for i, layer in enumerate(self.layers):
       x, layer_cache = layer(x, positions, None if cache is None else cache[i], prefill)
