@@ -1,4 +1,4 @@
-"""The `lowbit` command line: evaluate perplexity and generate text.
+"""The `lowbit` command line: compress a model, evaluate perplexity and generate text.
 
 It lives in `train/` because it stands on everything below it (models, importers, the
 perplexity protocol); `lowbit/` itself never imports models.
@@ -10,9 +10,12 @@ import argparse
 import datetime
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
+import uuid
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -29,17 +32,47 @@ def _load(args):
   return model, tokenizer
 
 
+MANIFEST = "manifest.json"
+_PARAMS = "params"
+
+
+def _load_compressed(folder: Path, dtype: str):
+  """(model with the compressed parameters, tokenizer, manifest) of a `compress` folder."""
+  from lowbit import checkpoint
+  from lowbit.recipes import load_into
+  from models.loading import load_pretrained
+  manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+  start = time.perf_counter()
+  model, tokenizer = load_pretrained(manifest["model"], dtype=DTYPES[dtype])
+  load_into(model, checkpoint.restore(folder / _PARAMS))
+  print(f"loaded {folder} ({manifest['recipe']} of {manifest['model']}) in "
+        f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+  return model, tokenizer, manifest
+
+
 def cmd_eval(args) -> int:
   from lowbit.data import read_text, text_path
   from train.perplexity import perplexity
   text = read_text(args.text)  # before loading the model: a bad text fails fast
-  model, tokenizer = _load(args)
+  folder = Path(args.model)
+  provenance = {"model": args.model, "recipe": "float", "calib_text": None}
+  if (folder / MANIFEST).is_file():
+    model, tokenizer, manifest = _load_compressed(folder, args.dtype)
+    calib = manifest.get("calib_text_path")
+    if calib and Path(calib).resolve() == text_path(args.text).resolve():
+      raise ValueError(f"{args.model} was calibrated on {calib}: evaluate on another text")
+    provenance = {k: manifest[k] for k in ("model", "recipe", "settings", "calib_text",
+                                           "calib_samples", "calib_seq_len",
+                                           "compress_seconds")}
+    provenance["compressed"] = str(folder)
+  else:
+    model, tokenizer = _load(args)
   ids = tokenizer.encode(text)
   start = time.perf_counter()
   result = perplexity(model, ids, args.seq_len, max_tokens=args.max_tokens,
                       batch_size=args.batch_size, progress=not args.json)
-  result.update(model=args.model, recipe="float", text=text_path(args.text).name,
-                calib_text=None, dtype=args.dtype, text_tokens=len(ids),
+  result.update(**provenance, text=text_path(args.text).name,
+                dtype=args.dtype, text_tokens=len(ids),
                 max_tokens=args.max_tokens, weight_bytes=parameter_bytes(model),
                 seconds=round(time.perf_counter() - start, 2))
   if args.out:
@@ -74,6 +107,74 @@ def _git_commit() -> str:
     return "unknown"
 
 
+def cmd_compress(args) -> int:
+  """Compresses a model by a recipe into a folder: `params/` (lowbit.checkpoint) and
+  `manifest.json`; the folder appears whole or not at all."""
+  from lowbit import checkpoint
+  from lowbit.data import read_text, text_path
+  from lowbit.recipes import compress, get_recipe, settings_of
+  from train.perplexity import make_windows
+  out = Path(args.out).absolute()
+  if out.exists():
+    raise ValueError(f"--out {out} exists; choose a new folder")
+  recipe = get_recipe(args.recipe)
+  settings = settings_of(args.recipe, dict(_parse_setting(s) for s in args.set))
+  if recipe.needs_calibration and args.calib is None:
+    raise ValueError(f"recipe {args.recipe!r} needs --calib (a text file or a shipped text)")
+  text = None if args.calib is None else read_text(args.calib)
+  model, tokenizer = _load(args)
+  windows = None
+  if text is not None and recipe.needs_calibration:
+    config = model.config
+    bos = config.bos_token_id if config.add_bos else None
+    windows = make_windows(tokenizer.encode(text), args.calib_seq_len,
+                           max_tokens=args.calib_samples * args.calib_seq_len, bos_id=bos)
+    if len(windows) < args.calib_samples:
+      raise ValueError(f"--calib {args.calib} has {len(windows)} windows of "
+                       f"{args.calib_seq_len} tokens, fewer than --calib-samples "
+                       f"{args.calib_samples}")
+  before = parameter_bytes(model)
+  start = time.perf_counter()
+  params = compress(model, args.recipe, windows, settings)
+  seconds = time.perf_counter() - start
+  after = int(sum(leaf.nbytes for leaf in jax.tree.leaves(params)))
+  model_ref = args.model
+  if Path(args.model).exists():
+    model_ref = str(Path(args.model).absolute())
+  manifest = dict(
+      format="lowbit.compressed", model=model_ref, recipe=args.recipe, settings=settings,
+      calib_text=None if windows is None else text_path(args.calib).name,
+      calib_text_path=None if windows is None else str(text_path(args.calib).absolute()),
+      calib_samples=None if windows is None else int(windows.shape[0]),
+      calib_seq_len=None if windows is None else int(windows.shape[1]),
+      dtype=args.dtype, weight_bytes_before=before, weight_bytes_after=after,
+      compress_seconds=round(seconds, 1), date=datetime.datetime.now(
+          datetime.timezone.utc).isoformat(timespec="seconds"), commit=_git_commit(),
+      command="lowbit " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+  partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+  try:
+    checkpoint.save(partial / _PARAMS, params)
+    (partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    partial.rename(out)
+  finally:
+    if partial.exists():
+      shutil.rmtree(partial)
+  print(f"compressed {args.model} with {args.recipe} in {seconds:.1f} s: weights {before} -> "
+        f"{after} bytes, written to {out}", file=sys.stderr)
+  return 0
+
+
+def _parse_setting(text: str) -> tuple[str, object]:
+  """KEY=VALUE with VALUE as JSON (64, false, null, 0.9), else as a string."""
+  key, sep, value = text.partition("=")
+  if not sep or not key:
+    raise ValueError(f"--set {text!r} is not KEY=VALUE")
+  try:
+    return key, json.loads(value)
+  except json.JSONDecodeError:
+    return key, value
+
+
 def cmd_generate(args) -> int:
   from models.generate import Generator, Sampling
   sampling = Sampling(args.temperature, args.top_k, args.top_p)
@@ -103,9 +204,23 @@ def build_parser() -> argparse.ArgumentParser:
 
   def add_model_args(p):
     p.add_argument("--model", required=True,
-                   help="a known name (smollm2-135m, gemma3-270m), a .gguf file or a "
-                        "Hugging Face folder (config.json + safetensors)")
+                   help="a known name (smollm2-135m, gemma3-270m), a .gguf file, a "
+                        "Hugging Face folder (config.json + safetensors) or, for eval, a "
+                        "folder written by compress")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+
+  p = sub.add_parser("compress", help="compress a model by a recipe into a folder")
+  add_model_args(p)
+  p.add_argument("--recipe", required=True, help="rtn, w4a16, w8a8 or atom-w4a4")
+  p.add_argument("--calib", default=None,
+                 help="calibration text: a shipped text (emma) or a UTF-8 file; never the "
+                      "evaluation text")
+  p.add_argument("--calib-samples", type=int, default=32, help="calibration windows")
+  p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per window")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="a recipe setting, e.g. --set group_size=64 --set symmetric=false")
+  p.add_argument("--out", required=True, help="the folder to create")
+  p.set_defaults(func=cmd_compress)
 
   p = sub.add_parser("eval", help="perplexity of a model on a text")
   add_model_args(p)
