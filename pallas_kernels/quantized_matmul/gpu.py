@@ -85,6 +85,18 @@ def _tile_ids(pid, tiles_m: int, tiles_n: int, group_m: int):
   return first_m + lax.rem(local, size_m), lax.div(local, size_m)
 
 
+def _output_tile(m: int, n: int, bs: BlockSizes):
+  """(m0, n0, row_mask, col_mask) of this program's [block_m, block_n] output tile; a mask
+  is None where the block size divides the dimension, else bool [block] of in-range."""
+  bm, bn = bs.block_m, bs.block_n
+  pm, pn = _tile_ids(pl.program_id(0), pl.cdiv(m, bm), pl.cdiv(n, bn), bs.group_m)
+  m0 = pl.multiple_of(pm * bm, bm)
+  n0 = pl.multiple_of(pn * bn, bn)
+  rmask = (m0 + lax.broadcasted_iota(jnp.int32, (bm,), 0) < m) if m % bm else None
+  cmask = (n0 + lax.broadcasted_iota(jnp.int32, (bn,), 0) < n) if n % bn else None
+  return m0, n0, rmask, cmask
+
+
 def _load(ref, idx, mask):
   """ref[idx], with masked-off elements read as zero (and never touched)."""
   if mask is None:
@@ -154,15 +166,8 @@ def _weight_only_kernel(*refs, bits: int, g: int, m: int, n: int, bs: BlockSizes
   else:
     x_ref, c_ref, s_ref, z_ref, o_ref = refs
   bm, bn = bs.block_m, bs.block_n
-  tiles_m, tiles_n = pl.cdiv(m, bm), pl.cdiv(n, bn)
-  pm, pn = _tile_ids(pl.program_id(0), tiles_m, tiles_n, bs.group_m)
+  m0, n0, rmask, cmask = _output_tile(m, n, bs)
   pk = pl.program_id(1)
-  m0 = pl.multiple_of(pm * bm, bm)
-  n0 = pl.multiple_of(pn * bn, bn)
-  rows = m0 + lax.broadcasted_iota(jnp.int32, (bm,), 0)
-  cols = n0 + lax.broadcasted_iota(jnp.int32, (bn,), 0)
-  rmask = (rows < m) if m % bm else None
-  cmask = (cols < n) if n % bn else None
   xmask = None if rmask is None else rmask[:, None]
   wmask = None if cmask is None else cmask[:, None]
   cdt = jnp.float32 if f32_math else jnp.bfloat16
@@ -312,13 +317,7 @@ def weight_only_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array,
 def _scaled_mm_kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, m: int, n: int, k: int,
                       bs: BlockSizes, acc_dtype):
   bm, bn, bk = bs.block_m, bs.block_n, bs.block_k
-  pm, pn = _tile_ids(pl.program_id(0), pl.cdiv(m, bm), pl.cdiv(n, bn), bs.group_m)
-  m0 = pl.multiple_of(pm * bm, bm)
-  n0 = pl.multiple_of(pn * bn, bn)
-  rows = m0 + lax.broadcasted_iota(jnp.int32, (bm,), 0)
-  cols = n0 + lax.broadcasted_iota(jnp.int32, (bn,), 0)
-  rmask = (rows < m) if m % bm else None
-  cmask = (cols < n) if n % bn else None
+  m0, n0, rmask, cmask = _output_tile(m, n, bs)
 
   def step(k0, acc, kmask):
     xm = _and_masks(None if rmask is None else rmask[:, None], kmask)
@@ -398,13 +397,7 @@ def _w4a4_kernel(*refs, m: int, n: int, g: int, n_groups: int, n_out: int,
   else:
     xc_ref, xs_ref, wc_ref, ws_ref, o_ref = refs
   bm, bn = bs.block_m, bs.block_n
-  pm, pn = _tile_ids(pl.program_id(0), pl.cdiv(m, bm), pl.cdiv(n, bn), bs.group_m)
-  m0 = pl.multiple_of(pm * bm, bm)
-  n0 = pl.multiple_of(pn * bn, bn)
-  rows = m0 + lax.broadcasted_iota(jnp.int32, (bm,), 0)
-  cols = n0 + lax.broadcasted_iota(jnp.int32, (bn,), 0)
-  rmask = (rows < m) if m % bm else None
-  cmask = (cols < n) if n % bn else None
+  m0, n0, rmask, cmask = _output_tile(m, n, bs)
   xmask = None if rmask is None else rmask[:, None]
   wmask = None if cmask is None else cmask[:, None]
   half = g // 2
