@@ -19,6 +19,7 @@ from flax import nnx
 
 from lowbit.qtensor import QTensor, dequantize
 from lowbit.quantize import fake_quantize
+from pallas_kernels.quantized_matmul import api as quantized_matmul
 
 # Leaf type -> function(x [..., in], weight) -> [..., out]. Formats register themselves here.
 _LINEAR_IMPLS: dict[type, Callable[[jax.Array, object], jax.Array]] = {}
@@ -60,12 +61,19 @@ def linear(x: jax.Array, weight) -> jax.Array:
 
 def qtensor_linear(x: jax.Array, q: QTensor) -> jax.Array:
   """x [..., in] times a QTensor [out, in] -> [..., out]: the one place where a QTensor
-  matmul is chosen (the quantized kernels of `pallas_kernels` plug in here).
+  matmul is chosen.
 
-  Reference: the weight is dequantized in the original channel order and multiplied as a
-  dense weight, so the result is exactly that of the fake-quantized float model; the
-  activation quantizer the QTensor names is simulated first, in the stored channel order.
+  Weight-only 4/8-bit formats without outlier tail or permutation (W4A16, W8A16) run the
+  quantized matmul of `pallas_kernels` (its Pallas kernel on GPU/TPU where it serves the
+  shape, its XLA reference elsewhere). Every other format runs the simulation: the weight
+  is dequantized in the original channel order and multiplied as a dense weight, after
+  the activation quantizer the QTensor names (in the stored channel order), so the result
+  is exactly that of the fake-quantized float model.
   """
+  if q.act_quant is None and not q.num_outliers and q.perm is None and q.bits in (4, 8):
+    y = quantized_matmul.weight_only_matmul(x.reshape(-1, x.shape[-1]), q.codes, q.scales,
+                                            q.zeros, bits=q.bits, group_size=q.group_size)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
   if q.act_quant is not None:
     x = _fake_quantize_input(x, q)
   return linear(x, dequantize(q))

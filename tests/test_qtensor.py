@@ -210,3 +210,23 @@ def test_qtensor_shards_like_its_weight():
   result = subprocess.run([sys.executable, "-c", textwrap.dedent(_SHARDING_CHILD)], cwd=root,
                           env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_weight_only_qtensors_run_the_quantized_matmul_op(monkeypatch):
+  """W4A16/W8A16 leaves go through pallas_kernels' dispatcher; simulated formats do not."""
+  from lowbit import nn as lowbit_nn
+  calls = []
+  real = lowbit_nn.quantized_matmul.weight_only_matmul
+
+  def spy(x, codes, scales, zeros, **kwargs):
+    calls.append((x.shape, kwargs["bits"]))
+    return real(x, codes, scales, zeros, **kwargs)
+
+  monkeypatch.setattr(lowbit_nn.quantized_matmul, "weight_only_matmul", spy)
+  rng = _rng(7)
+  w = rng.standard_normal((24, 64)).astype(np.float32)
+  x = rng.standard_normal((3, 4, 64)).astype(np.float32)
+  y = linear(x, quantize_weight(w, bits=4, group_size=32, symmetric=False))
+  assert calls == [((12, 64), 4)] and y.shape == (3, 4, 24)
+  linear(x, quantize_weight(w, bits=8, group_size=None, symmetric=True, act_quant="int8_token"))
+  assert len(calls) == 1
