@@ -91,25 +91,30 @@ def spread(samples: list[float]) -> float:
   return float((max(samples) - min(samples)) / m) if m else 0.0
 
 
-def measure_hbm_bandwidth(nbytes: int = 2 << 30, *, iters: int = 30) -> dict:
-  """Device-to-device copy of an `nbytes` bf16 array: (bytes read + written) / median time."""
+def _stream_bandwidth(op: Callable, bytes_per_element: int, nbytes: int, seed: int,
+                      iters: int) -> dict:
+  """Bandwidth of jitted `op` over an `nbytes` bf16 array counting `bytes_per_element`
+  moved per element; two source buffers far larger than L2 alternate."""
   n = nbytes // 2
-  keys = jax.random.split(jax.random.key(1), 2)
-  # Two source buffers, alternated, each far larger than L2.
-  srcs = [jax.random.normal(k, (n,), jnp.bfloat16) for k in keys]
-  copy = jax.jit(lambda x: jnp.copy(x))
+  srcs = [jax.random.normal(k, (n,), jnp.bfloat16)
+          for k in jax.random.split(jax.random.key(seed), 2)]
+  fn = jax.jit(op)
   state = {"i": 0}
 
   def call():
     state["i"] += 1
-    return copy(srcs[state["i"] % 2])
+    return fn(srcs[state["i"] % 2])
 
   # A long warm-up: the clocks ramp up from idle (seen: 14% spread with 3 warm-ups).
   samples = time_calls(call, warmup=100, iters=iters, inner=5)
-  ms = median(samples)
-  return {"bytes_moved": 2 * n * 2, "median_ms": ms, "spread": spread(samples),
-          "bytes_per_s": 2 * n * 2 / (ms * 1e-3),
-          "best_bytes_per_s": 2 * n * 2 / (min(samples) * 1e-3)}
+  ms, moved = median(samples), n * bytes_per_element
+  return {"bytes_moved": moved, "median_ms": ms, "spread": spread(samples),
+          "bytes_per_s": moved / (ms * 1e-3), "best_bytes_per_s": moved / (min(samples) * 1e-3)}
+
+
+def measure_hbm_bandwidth(nbytes: int = 2 << 30, *, iters: int = 30) -> dict:
+  """Device-to-device copy of an `nbytes` bf16 array: (bytes read + written) / median time."""
+  return _stream_bandwidth(jnp.copy, 4, nbytes, 1, iters)
 
 
 def measure_read_bandwidth(nbytes: int = 2 << 30, *, iters: int = 30) -> dict:
@@ -118,20 +123,7 @@ def measure_read_bandwidth(nbytes: int = 2 << 30, *, iters: int = 30) -> dict:
   A GEMV reads its weight and writes almost nothing, and reads stream faster than a copy's
   mix of reads and writes; this is the tighter ceiling for decode.
   """
-  n = nbytes // 2
-  keys = jax.random.split(jax.random.key(3), 2)
-  srcs = [jax.random.normal(k, (n,), jnp.bfloat16) for k in keys]
-  total = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
-  state = {"i": 0}
-
-  def call():
-    state["i"] += 1
-    return total(srcs[state["i"] % 2])
-
-  samples = time_calls(call, warmup=100, iters=iters, inner=5)
-  ms = median(samples)
-  return {"bytes_moved": n * 2, "median_ms": ms, "spread": spread(samples),
-          "bytes_per_s": n * 2 / (ms * 1e-3), "best_bytes_per_s": n * 2 / (min(samples) * 1e-3)}
+  return _stream_bandwidth(lambda x: jnp.sum(x, dtype=jnp.float32), 2, nbytes, 3, iters)
 
 
 def measure_matmul_rate(n: int = 8192, *, iters: int = 30) -> dict:
