@@ -1,0 +1,115 @@
+"""Paged decode attention: the dispatcher over the Pallas kernels and the XLA reference.
+
+  implementation=None     the backend's order: "pallas_gpu" then "xla" on a GPU,
+                          "pallas_tpu" then "xla" on a TPU, "xla" elsewhere; a kernel that
+                          cannot serve the case raises NotImplementedError and the next is
+                          tried.
+  implementation="name"   that implementation only; its errors propagate.
+  implementation=(...)    that order.
+
+"xla" is `reference.py` (plain jnp, correct everywhere). `block_sizes=` reaches the Pallas
+kernel of the matching type (`BlockSizes` for GPU, `TpuBlockSizes` for TPU); `interpret=`
+runs a Pallas kernel on the CPU (True for the GPU kernel, `pltpu.InterpretParams()` for the
+TPU one). Bad shapes raise ValueError naming the argument before any implementation runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+
+from pallas_kernels.decode_attention import gpu
+from pallas_kernels.decode_attention import reference
+from pallas_kernels.decode_attention import tpu
+from pallas_kernels.decode_attention.config import BlockSizes, TpuBlockSizes
+
+IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "xla")
+
+
+def _order(implementation) -> tuple[str, ...]:
+  if implementation is None:
+    return {"gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")}.get(
+        jax.default_backend(), ("xla",))
+  names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
+  if not names:
+    raise ValueError("implementation=() names no implementation")
+  for name in names:
+    if name not in IMPLEMENTATIONS:
+      raise ValueError(f"implementation={name!r} is not one of {IMPLEMENTATIONS}")
+  return names
+
+
+def _kernel_kwargs(name: str, block_sizes, interpret) -> dict[str, Any]:
+  if name == "xla":
+    return {}
+  want = BlockSizes if name == "pallas_gpu" else TpuBlockSizes
+  kwargs: dict[str, Any] = {"interpret": interpret}
+  if block_sizes is not None:
+    if not isinstance(block_sizes, want):
+      raise TypeError(f"{name} takes block_sizes of type {want.__name__}, got "
+                      f"{type(block_sizes).__name__}")
+    kwargs["block_sizes"] = block_sizes
+  return kwargs
+
+
+def decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                     lengths: jax.Array, page_table: jax.Array, *,
+                     k_scales: jax.Array | None = None, k_offsets: jax.Array | None = None,
+                     v_scales: jax.Array | None = None, v_offsets: jax.Array | None = None,
+                     bits: int | None = None, scale: float,
+                     logit_softcap: float | None = None,
+                     sliding_window: int | None = None,
+                     rope_inv_freq: jax.Array | None = None,
+                     implementation: str | Sequence[str] | None = None,
+                     block_sizes: BlockSizes | TpuBlockSizes | None = None,
+                     interpret: Any = False) -> jax.Array:
+  """Paged grouped-query decode attention over float / 8-bit / 4-bit KV pages.
+
+  Args:
+    q: [B, N, H] bf16 or f32, one query token per sequence (already rotated).
+    k_pages, v_pages: [K, P, page_size, H] float pages (bits=None) or uint8 codes
+      (bits=8); [K, P, page_size, H // 2] uint8 for bits=4 ("halves" packing: the low
+      nibble of byte j is element j, the high nibble element j + H/2). N % K == 0.
+    lengths: int32 [B], valid tokens per sequence (0 gives zeros).
+    page_table: int32 [B, pages_per_seq]; token p of sequence b is in page
+      page_table[b, p // page_size], slot p % page_size.
+    k_scales, k_offsets, v_scales, v_offsets: float32 [K, P, page_size] for quantized
+      pages: x = code * scale + offset.
+    bits: None, 8 or 4.
+    scale: softmax scale (e.g. H ** -0.5).
+    logit_softcap: tanh(s / c) * c on the scores before the mask (Gemma).
+    sliding_window: key p visible iff p > length - 1 - window.
+    rope_inv_freq: f32 [H / 2]: keys are stored before RoPE and rotated at their
+      absolute positions inside the op (HF rotate-half).
+    implementation, block_sizes, interpret: see the module docstring.
+
+  Returns:
+    [B, N, H] in q.dtype.
+
+  Raises:
+    ValueError: bad shapes or dtypes (named argument and value), unknown implementation.
+    NotImplementedError: no implementation in the requested order serves the case.
+  """
+  reference.validate_inputs(q, k_pages, v_pages, lengths, page_table, k_scales, k_offsets,
+                            v_scales, v_offsets, bits=bits, rope_inv_freq=rope_inv_freq,
+                            sliding_window=sliding_window)
+  fns = {"pallas_gpu": gpu.decode_attention, "pallas_tpu": tpu.decode_attention,
+         "xla": reference.decode_attention}
+  names = _order(implementation)
+  kwargs = dict(k_scales=k_scales, k_offsets=k_offsets, v_scales=v_scales,
+                v_offsets=v_offsets, bits=bits, scale=float(scale),
+                logit_softcap=logit_softcap, sliding_window=sliding_window,
+                rope_inv_freq=rope_inv_freq)
+  errors = []
+  for name in names:
+    try:
+      return fns[name](q, k_pages, v_pages, lengths, page_table, **kwargs,
+                       **_kernel_kwargs(name, block_sizes, interpret))
+    except NotImplementedError as e:
+      errors.append(e)
+  if len(names) == 1:
+    raise errors[0]
+  raise NotImplementedError("decode_attention: no implementation in "
+                            f"{names} serves this case: "
+                            + "; ".join(str(e) for e in errors))

@@ -1,0 +1,385 @@
+"""Pallas (Triton lowering) paged decode attention over bf16 / int8 / int4 KV pages.
+
+Same signature as `reference.decode_attention`, plus `block_sizes=` and `interpret=`.
+
+Motivation: decode attention reads the whole KV cache once per token and does ~2 FLOPs
+per byte, so it is bound by HBM. 8-bit pages halve the bytes and 4-bit pages quarter
+them, but only if the codes are dequantized in registers on the way to the tensor cores:
+XLA's gather + dequantize + einsum writes the float cache back to HBM first.
+
+Design (flash-decoding):
+  * grid (batch, kv head, split): a split is a contiguous range of one sequence's pages
+    (config.split_layout); the default rule splits until the grid fills the GPU, which a
+    single long sequence (B * K = 8 programs) would not.
+  * each program walks its range `pages_per_block` pages at a time: the page ids come
+    from the page table, the block's keys and values are gathered as whole pages
+    ([pages_per_block, page_size, H'] vector loads), and an online softmax folds each
+    block into a running (out, max, sum) in float32.
+  * GQA: the G = N / K query heads of a kv head are the M rows of the tensor-core dots,
+    padded with zero rows to 16 (mma's minimum); every key is read once per kv head.
+  * dequantization is folded where it is linear. Without RoPE the codes go straight into
+    the dot (as exact bf16 integers) and each token's scale and offset are applied to the
+    [G, block] scores: s = scale_t * (q . c_t) + offset_t * sum(q). Values likewise:
+    out += (p * vscale) @ codes + sum_t(p_t * voffset_t). 4-bit codes are unpacked with
+    shifts and masks in registers into their two halves (no interleave: the "halves"
+    packing), each half its own dot.
+  * RoPE on pre-RoPE keys: the key is dequantized to float32 and rotated before its dot.
+    cos/sin by angle addition: for slot r of a page starting at position p0,
+    cos((p0 + r) f) = cos(p0 f) cos(r f) - sin(p0 f) sin(r f), composed twice: from the
+    block's first position p0 (H/2 sin/cos per block, the only transcendental calls), a
+    [pages_per_block, H/2] table of page offsets and a [page, H/2] table of slots, both
+    built once outside the kernel and small in registers (a [block_t, H/2] table, or
+    per-page sin/cos through libdevice's slow path, spilled: ptxas -v). The angle agrees
+    with the reference's float32(p * f) to about two float32 ulps of p * f, the size of
+    the reference's own rounding.
+  * codes become floats without I2F (quarter rate on Hopper): the integer is OR-ed into
+    the mantissa of a power of two and that power subtracted: codes as float16 (exact
+    below 1024), with q and the value weights cast to float16 for those dots (bf16
+    query: float16 keeps 3 more significand bits through the offset term).
+  * masking by `where` only (scores to a large negative finite value, the value rows and
+    the per-token value scales to 0), so garbage or NaN in unused slots never reaches the
+    result; page ids are clamped into the pool, so a stale table entry past a sequence's
+    end is never dereferenced out of bounds.
+  * a plain jnp step merges the splits' partials by log-sum-exp; a sequence of length 0
+    comes out as zeros.
+
+Limits: page_size * pages_per_block and the head dim must be powers of two (Triton block
+shapes); q must be bf16 or f32 (f32 runs its dots at HIGHEST precision, for tests).
+The page-table gather is a pointer gather (not TMA): each page row is contiguous, so the
+loads are still 16-byte vectors.
+
+Future work: Mosaic GPU (TMA page loads, wgmma); fold RoPE into the code domain for
+quantized keys (rotate codes, carry the offset term through two extra small dots) to cut
+the per-element work of the RoPE path.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.decode_attention import reference
+from pallas_kernels.decode_attention.config import BlockSizes, MIN_DOT_DIM, next_pow2
+from pallas_kernels.decode_attention.config import split_layout
+
+# jax 0.10 / 0.11 call it CompilerParams; older releases called it TritonCompilerParams.
+# Passing it explicitly keeps the Triton lowering: recent JAX lowers a bare pallas_call
+# through Mosaic GPU.
+_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(
+    plgpu, "TritonCompilerParams")
+
+# Masked scores: finite (as jax's own paged attention), so that exp(mask - max) is 0 and
+# never exp(-inf - -inf) = NaN for a program that has not met a visible key yet.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+# Exact small-integer -> float conversion without the (quarter-rate) I2F instruction: OR
+# the integer into the mantissa of a power of two whose unit is 1, then subtract it.
+# (bits of the power of two, its value, the integer type, the largest integer it holds)
+_MAGIC = {
+    jnp.dtype(jnp.bfloat16): (0x4300, 128.0, jnp.int16, 127),  # 128.0: 7 mantissa bits
+    jnp.dtype(jnp.float16): (0x6400, 1024.0, jnp.int16, 1023),  # 1024.0: 10 bits
+    jnp.dtype(jnp.float32): (0x4B000000, 8388608.0, jnp.int32, (1 << 23) - 1),  # 2^23
+}
+
+
+def _uint_as_float(x, dtype, max_value: int):
+  """Unsigned integers x (int16/int32 holding 0..max_value) -> exact values in dtype."""
+  bits, value, itype, cap = _MAGIC[jnp.dtype(dtype)]
+  assert max_value <= cap, (dtype, max_value)
+  x = x.astype(itype) | bits
+  return lax.bitcast_convert_type(x, dtype) - jnp.asarray(value, dtype)
+
+
+def _nibbles(packed, dtype):
+  """uint8 [R, C] "halves" packed -> (low, high) [R, C] in dtype holding the exact codes."""
+  itype = _MAGIC[jnp.dtype(dtype)][2]
+  w = packed.astype(itype) & 0xFF
+  lo = w & 0xF
+  hi = lax.shift_right_logical(w, jnp.asarray(4, itype))
+  return _uint_as_float(lo, dtype, 15), _uint_as_float(hi, dtype, 15)
+
+
+def _bytes(codes, dtype):
+  """uint8 codes -> exact values in dtype (float16 or float32: bf16 cannot hold 0..255
+  with a unit of 1 in one binade)."""
+  itype = _MAGIC[jnp.dtype(dtype)][2]
+  return _uint_as_float(codes.astype(itype) & 0xFF, dtype, 255)
+
+
+def _dot_nt(a, b, precision):
+  """a [R, C] . b [S, C] -> f32 [R, S]."""
+  return jnp.dot(a, b.T, preferred_element_type=jnp.float32, precision=precision)
+
+
+def _kernel(*refs, bits, rope: bool, ps: int, ppb: int, pages_per_split: int, h: int,
+            scale: float, softcap, window, cdt, precision):
+  it = iter(refs)
+  len_ref = next(it)  # i32[1]
+  tab_ref = next(it)  # i32[pages_padded]
+  q_ref = next(it)  # [Gp, H]
+  quant = bits is not None
+  k_ref = next(it)  # [P, page, H] (or [P, page, H/2] packed)
+  ks_ref, ko_ref = (next(it), next(it)) if quant else (None, None)  # f32[P, page]
+  v_ref = next(it)
+  vs_ref, vo_ref = (next(it), next(it)) if quant else (None, None)
+  if rope:
+    # f32[page, H/2] x2: cos, sin of (slot * inv_freq); f32[ppb, H/2] x2: cos, sin of
+    # (page_size * page-in-block * inv_freq); f32[H/2] inv_freq
+    cos_ref, sin_ref, pcos_ref, psin_ref, f_ref = (next(it) for _ in range(5))
+  o_ref, m_ref, l_ref = next(it), next(it), next(it)  # f32[Gp, H], f32[Gp], f32[Gp]
+
+  h2 = h // 2
+  bt = ppb * ps
+  gp = q_ref.shape[0]
+  split_halves = rope or bits == 4
+  length = len_ref[0]
+  first_page = pl.program_id(2) * pages_per_split
+  n_pages = lax.div(length + (ps - 1), ps)
+  end_page = jnp.minimum(first_page + pages_per_split, n_pages)
+  n_blocks = jnp.maximum(lax.div(end_page - first_page + (ppb - 1), ppb), 0)
+  if window is not None:
+    lo_pos = jnp.maximum(length - window, 0)
+    i0 = jnp.maximum(lax.div(lax.div(lo_pos, ps) - first_page, ppb), 0)
+  else:
+    lo_pos, i0 = None, jnp.int32(0)
+
+  # Codes reach the tensor cores as exact float16 (for 8 bits bf16 cannot hold 0..255 in
+  # one binade); q, the value weights p * vscale and rotated keys follow into float16,
+  # whose 11-bit significand also keeps the offset term's cancellation small
+  # (sum_t p_t (c_t s_t) and sum_t p_t o_t are both large next to their sum; with bf16
+  # weights int4 outputs were 3.7e-3 off the reference, 1.2e-3 with float16 for int8).
+  # float16 overflows past 65504: q, keys and p * scale are far below that in practice.
+  if quant and cdt == jnp.bfloat16:
+    cdt = jnp.float16
+  if split_halves:
+    q1 = q_ref[:, pl.ds(0, h2)].astype(cdt)
+    q2 = q_ref[:, pl.ds(h2, h2)].astype(cdt)
+    qsum = (jnp.sum(q1.astype(jnp.float32), axis=1)
+            + jnp.sum(q2.astype(jnp.float32), axis=1))
+  else:
+    qf = q_ref[...].astype(cdt)
+    qsum = jnp.sum(qf.astype(jnp.float32), axis=1)
+  if rope:
+    cos_r, sin_r, freq = cos_ref[...], sin_ref[...], f_ref[...]
+    cos_a, sin_a = pcos_ref[...], psin_ref[...]
+
+  def per_token(ref, ids):
+    return ref[ids].reshape(bt)
+
+  def body(i, carry):
+    accs, m_prev, l_prev = carry
+    pstart = first_page + i * ppb
+    ids = tab_ref[pl.ds(pstart, ppb)]  # i32[ppb]
+    pos = pstart * ps + lax.broadcasted_iota(jnp.int32, (bt,), 0)
+    valid = pos < length
+    if lo_pos is not None:
+      valid &= pos >= lo_pos
+
+    # -- scores [Gp, T]
+    if rope:
+      if bits == 4:
+        k1, k2 = _nibbles(k_ref[ids].reshape(bt, h2), jnp.float32)
+      else:
+        k1 = k_ref[ids, :, pl.ds(0, h2)].reshape(bt, h2)
+        k2 = k_ref[ids, :, pl.ds(h2, h2)].reshape(bt, h2)
+        to_f32 = ((lambda x: _bytes(x, jnp.float32)) if quant
+                  else (lambda x: x.astype(jnp.float32)))
+        k1, k2 = to_f32(k1), to_f32(k2)
+      if quant:
+        ks = per_token(ks_ref, ids)[:, None]
+        ko = per_token(ko_ref, ids)[:, None]
+        k1, k2 = k1 * ks + ko, k2 * ks + ko
+      # Angle of slot r of page a of the block: float32(p0) * f (p0 the block's first
+      # position) + a * page * f + r * f, composed by angle addition from the tables.
+      ang0 = (pstart * ps).astype(jnp.float32) * freq  # [H/2]
+      c0, s0 = jnp.cos(ang0)[None, :], jnp.sin(ang0)[None, :]
+      ca = (c0 * cos_a - s0 * sin_a)[:, None, :]  # [ppb, 1, H/2]
+      sa = (s0 * cos_a + c0 * sin_a)[:, None, :]
+      cos = (ca * cos_r[None] - sa * sin_r[None]).reshape(bt, h2)
+      sin = (sa * cos_r[None] + ca * sin_r[None]).reshape(bt, h2)
+      r1 = (k1 * cos - k2 * sin).astype(cdt)
+      r2 = (k2 * cos + k1 * sin).astype(cdt)
+      s = _dot_nt(q1, r1, precision) + _dot_nt(q2, r2, precision)
+    else:
+      if bits == 4:
+        c1, c2 = _nibbles(k_ref[ids].reshape(bt, h2), cdt)
+        s = _dot_nt(q1, c1, precision) + _dot_nt(q2, c2, precision)
+      else:
+        k = k_ref[ids].reshape(bt, h)
+        k = _bytes(k, cdt) if quant else k.astype(cdt)
+        s = _dot_nt(qf, k, precision)
+      if quant:
+        s = s * per_token(ks_ref, ids)[None, :] + qsum[:, None] * per_token(
+            ko_ref, ids)[None, :]
+    s = s * scale
+    if softcap is not None:
+      s = jnp.tanh(s / softcap) * softcap
+    vmask = valid[None, :]
+    s = jnp.where(vmask, s, MASK_VALUE)
+
+    # -- online softmax
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    alpha = jnp.exp(m_prev - m_new)
+    p = jnp.where(vmask, jnp.exp(s - m_new[:, None]), 0.0)
+    l_new = alpha * l_prev + jnp.sum(p, axis=1)
+
+    # -- values
+    if quant:
+      vs = jnp.where(valid, per_token(vs_ref, ids), 0.0)
+      vo = jnp.where(valid, per_token(vo_ref, ids), 0.0)
+      pv = (p * vs[None, :]).astype(cdt)
+      bias = jnp.sum(p * vo[None, :], axis=1)[:, None]
+      if bits == 4:
+        c1, c2 = _nibbles(v_ref[ids].reshape(bt, h2), cdt)
+        parts = (jnp.dot(pv, c1, preferred_element_type=jnp.float32, precision=precision),
+                 jnp.dot(pv, c2, preferred_element_type=jnp.float32, precision=precision))
+      else:
+        c = _bytes(v_ref[ids].reshape(bt, h), cdt)
+        parts = (jnp.dot(pv, c, preferred_element_type=jnp.float32, precision=precision),)
+      parts = tuple(x + bias for x in parts)
+    else:
+      v = v_ref[ids].reshape(bt, h)
+      v = jnp.where(valid[:, None], v, jnp.zeros((), v.dtype)).astype(cdt)
+      parts = (jnp.dot(p.astype(cdt), v, preferred_element_type=jnp.float32,
+                       precision=precision),)
+    accs = tuple(alpha[:, None] * a + x for a, x in zip(accs, parts))
+    return accs, m_new, l_new
+
+  n_acc = 2 if bits == 4 else 1
+  width = h2 if bits == 4 else h
+  init = (tuple(jnp.zeros((gp, width), jnp.float32) for _ in range(n_acc)),
+          jnp.full((gp,), MASK_VALUE, jnp.float32), jnp.zeros((gp,), jnp.float32))
+  accs, m, l = lax.fori_loop(i0, n_blocks, body, init)
+  if bits == 4:
+    o_ref[:, pl.ds(0, h2)] = accs[0]
+    o_ref[:, pl.ds(h2, h2)] = accs[1]
+  else:
+    o_ref[...] = accs[0]
+  m_ref[...] = m
+  l_ref[...] = l
+
+
+def check_supported(q, k_pages, page_table, *, bits, rope: bool,
+                    block_sizes: BlockSizes | None) -> None:
+  """Raises NotImplementedError for cases this kernel does not serve (STYLE.md 3)."""
+  b, n, h = q.shape
+  if bits is not None and k_pages.size >= 2**31:
+    # Seen on an H200 (jax 0.11.2): int8 / int4 pools of 2^32 codes (B=64 x 64k tokens,
+    # 8 kv heads) fault with an illegal address; the bf16 pool of the same size runs.
+    raise NotImplementedError(f"pallas_gpu decode_attention: {k_pages.size} codes per "
+                              f"pool exceed 2^31 - 1 for {bits}-bit pages")
+  kh, _, ps, _ = k_pages.shape
+  if q.dtype not in (jnp.bfloat16, jnp.float32):
+    raise NotImplementedError(f"pallas_gpu decode_attention: {q.dtype=} not bf16/f32")
+  if h & (h - 1) or h < 2 * MIN_DOT_DIM:
+    raise NotImplementedError(f"pallas_gpu decode_attention: head dim {h=} must be a "
+                              f"power of two >= {2 * MIN_DOT_DIM}")
+  if ps & (ps - 1):
+    raise NotImplementedError(f"pallas_gpu decode_attention: page_size={ps} must be a "
+                              f"power of two")
+  bs = block_sizes or BlockSizes.get_default(b, kh, page_table.shape[1], ps, h, rope=rope)
+  bt = bs.pages_per_block * ps
+  if bt & (bt - 1) or bt < MIN_DOT_DIM:
+    raise NotImplementedError(f"pallas_gpu decode_attention: {bs.pages_per_block=} x "
+                              f"page_size={ps} is not a power of two >= {MIN_DOT_DIM}")
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "bits", "scale", "logit_softcap", "sliding_window", "block_sizes", "interpret"))
+def decode_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None,
+                     k_offsets=None, v_scales=None, v_offsets=None, bits=None,
+                     scale: float, logit_softcap: float | None = None,
+                     sliding_window: int | None = None, rope_inv_freq=None,
+                     block_sizes: BlockSizes | None = None, interpret=False):
+  """Paged decode attention on the GPU; see `reference.decode_attention`."""
+  reference.validate_inputs(q, k_pages, v_pages, lengths, page_table, k_scales, k_offsets,
+                            v_scales, v_offsets, bits=bits, rope_inv_freq=rope_inv_freq,
+                            sliding_window=sliding_window)
+  rope = rope_inv_freq is not None
+  check_supported(q, k_pages, page_table, bits=bits, rope=rope, block_sizes=block_sizes)
+  b, n, h = q.shape
+  kh, num_pages, ps, hc = k_pages.shape
+  pps = page_table.shape[1]
+  g = n // kh
+  gp = max(MIN_DOT_DIM, next_pow2(g))
+  bs = block_sizes or BlockSizes.get_default(b, kh, pps, ps, h, rope=rope)
+  bs.validate(ps)
+  ppb = bs.pages_per_block
+  bt = ppb * ps
+  splits, pages_per_split = split_layout(b, kh, pps, bs)
+  pages_padded = splits * pages_per_split
+  cdt = jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32
+  precision = lax.Precision.HIGHEST if cdt == jnp.float32 else None
+
+  # Page ids clamped into the pool: entries past a sequence's end are loaded (a block is
+  # whole pages) but masked; clamping keeps even a stale or -1 entry in bounds.
+  table = jnp.clip(page_table.astype(jnp.int32), 0, num_pages - 1)
+  table = jnp.pad(table, ((0, 0), (0, pages_padded - pps)))
+  qg = q.reshape(b, kh, g, h)
+  if gp != g:
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+  lens = lengths.astype(jnp.int32).reshape(b, 1)
+
+  quant = bits is not None
+  args = [lens, table, qg, k_pages]
+  specs = [pl.BlockSpec((None, 1), lambda i, j, s: (i, 0)),
+           pl.BlockSpec((None, pages_padded), lambda i, j, s: (i, 0)),
+           pl.BlockSpec((None, None, gp, h), lambda i, j, s: (i, j, 0, 0))]
+  page_spec = pl.BlockSpec((None, num_pages, ps, hc), lambda i, j, s: (j, 0, 0, 0))
+  scale_spec = pl.BlockSpec((None, num_pages, ps), lambda i, j, s: (j, 0, 0))
+  specs.append(page_spec)
+  if quant:
+    args += [k_scales, k_offsets]
+    specs += [scale_spec, scale_spec]
+  args.append(v_pages)
+  specs.append(page_spec)
+  if quant:
+    args += [v_scales, v_offsets]
+    specs += [scale_spec, scale_spec]
+  if rope:
+    freq = rope_inv_freq.astype(jnp.float32)
+    ang = jnp.arange(ps, dtype=jnp.float32)[:, None] * freq[None, :]
+    pang = (jnp.arange(ppb, dtype=jnp.float32) * ps)[:, None] * freq[None, :]
+    args += [jnp.cos(ang), jnp.sin(ang), jnp.cos(pang), jnp.sin(pang), freq]
+    specs += [pl.BlockSpec((ps, h // 2), lambda i, j, s: (0, 0))] * 2
+    specs += [pl.BlockSpec((ppb, h // 2), lambda i, j, s: (0, 0))] * 2
+    specs.append(pl.BlockSpec((h // 2,), lambda i, j, s: (0,)))
+
+  kernel = functools.partial(
+      _kernel, bits=bits, rope=rope, ps=ps, ppb=ppb, pages_per_split=pages_per_split, h=h,
+      scale=float(scale), softcap=logit_softcap, window=sliding_window, cdt=cdt,
+      precision=precision)
+  f32 = jnp.float32
+  o, m, l = pl.pallas_call(
+      kernel,
+      grid=(b, kh, splits),
+      in_specs=specs,
+      out_specs=[
+          pl.BlockSpec((None, None, None, gp, h), lambda i, j, s: (i, j, s, 0, 0)),
+          pl.BlockSpec((None, None, None, gp), lambda i, j, s: (i, j, s, 0)),
+          pl.BlockSpec((None, None, None, gp), lambda i, j, s: (i, j, s, 0)),
+      ],
+      out_shape=[jax.ShapeDtypeStruct((b, kh, splits, gp, h), f32),
+                 jax.ShapeDtypeStruct((b, kh, splits, gp), f32),
+                 jax.ShapeDtypeStruct((b, kh, splits, gp), f32)],
+      compiler_params=_CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+      interpret=interpret,
+      name=f"decode_attention_bits{bits or 16}{'_rope' if rope else ''}",
+  )(*args)
+  return combine_splits(o, m, l, g).reshape(b, n, h).astype(q.dtype)
+
+
+def combine_splits(o, m, l, g: int):
+  """Merges split partials by log-sum-exp: o f32[B, K, S, Gp, H], m/l f32[B, K, S, Gp]
+  -> f32[B, K, g, H]; a row with no visible key (sum 0) comes out as 0."""
+  m_max = jnp.max(m, axis=2, keepdims=True)
+  w = jnp.exp(m - m_max)  # 0 for splits that saw no visible key (m = MASK_VALUE)
+  l_tot = jnp.sum(l * w, axis=2)[..., None]
+  o_tot = jnp.sum(o * w[..., None], axis=2)
+  out = jnp.where(l_tot > 0, o_tot / jnp.where(l_tot > 0, l_tot, 1.0), 0.0)
+  return out[:, :, :g]
