@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lowbit.attention import attention_mask, gqa_attention
-from lowbit.kv_cache import DenseKVCache
+from lowbit.attention import (attention_mask, causal_self_attention, dense_decode_attention,
+                              gqa_attention, paged_decode_attention)
+from lowbit.kv_cache import DENSE, KVFormat
 from lowbit.nn import Embed, Linear
 from models.config import ModelConfig
 from models.rope import apply_rope, inverse_frequencies
@@ -50,6 +51,8 @@ class Attention(nnx.Module):
     c = config
     self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
     self.scale = c.attention_scale
+    # What the KV cache stores (a recipe may set a quantized format; DecoderLM.set_kv_format).
+    self.kv_format: KVFormat = DENSE
     self.logit_softcap = c.attn_logit_softcap
     sliding = c.layer_types[layer_index] == "sliding"
     self.sliding_window = c.sliding_window if sliding else None
@@ -72,12 +75,19 @@ class Attention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
 
-  def __call__(self, x: jax.Array, positions: jax.Array, cache: DenseKVCache | None,
-               prefill: bool) -> tuple[jax.Array, DenseKVCache | None]:
+  def new_cache(self, batch: int, max_len: int, dtype):
+    return self.kv_format.empty(batch, max_len, self.num_kv_heads, self.head_dim, dtype)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, cache, prefill: bool):
     """x [B, T, D], positions [T] (consecutive) -> ([B, T, D], updated cache).
 
-    Without a cache, or when `prefill` fills an empty cache from position 0, attention runs
-    over the new keys only; otherwise over every cache slot, masked by position.
+    Without a cache, or when `prefill` fills an empty dense cache from position 0, attention
+    runs over the new keys only (`causal_self_attention`). One decode token runs
+    `dense_decode_attention` over a dense cache, or the paged decode kernel on the packed
+    codes of a quantized cache with per-token grids.
+    Otherwise attention runs over every cache slot read back, masked by position. A
+    quantized format without a cache (perplexity, calibration) writes this window into a
+    cache of its own and attends over what it reads back: the numbers of a cached run.
     """
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
@@ -87,15 +97,40 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     inv_freq = inverse_frequencies(self.head_dim, *self.rope)
     q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
-    if cache is not None:
-      cache = cache.write(k, v, positions[0])
-      if not prefill:
-        k, v = cache.read()
-    k_positions = positions if cache is None or prefill else jnp.arange(k.shape[1])
-    mask = attention_mask(positions, k_positions, self.sliding_window)
-    out = gqa_attention(q, k, v, mask, scale=self.scale, logit_softcap=self.logit_softcap)
-    return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
+    k_rotated = apply_rope(k, positions, inv_freq)
+    attend = dict(scale=self.scale, sliding_window=self.sliding_window,
+                  logit_softcap=self.logit_softcap)
+    if cache is None and not self.kv_format.quantized:
+      return self._output(causal_self_attention(q, k_rotated, v, **attend)), None
+    # Slot s of `store` holds position first_position + s; without a cache, a quantized
+    # format simulates one over this window.
+    store, first_position = ((cache, 0) if cache is not None else
+                             (self.new_cache(b, t, x.dtype), positions[0]))
+    store = store.write(k if store.keys_before_rope else k_rotated, v,
+                        positions[0] - first_position, prefill or cache is None)
+    cache = store if cache is not None else None
+    if prefill and store.exact:
+      out = causal_self_attention(q, k_rotated, v, **attend)
+    elif cache is not None and t == 1 and store.paged:
+      out = paged_decode_attention(
+          q, store, positions[0] + 1, **attend,
+          rope_inv_freq=inv_freq if store.keys_before_rope else None)
+    elif cache is not None and t == 1 and store.exact:
+      out = dense_decode_attention(q, *store.read(), positions[0] + 1, **attend)
+    else:
+      keys, values = store.read(x.dtype)
+      k_positions = first_position + jnp.arange(keys.shape[1], dtype=positions.dtype)
+      if store.keys_before_rope:
+        keys = apply_rope(keys, k_positions, inv_freq)
+      mask = attention_mask(positions, k_positions, self.sliding_window)
+      out = gqa_attention(q, keys, values, mask, scale=self.scale,
+                          logit_softcap=self.logit_softcap)
+    return self._output(out), cache
+
+  def _output(self, attention_out: jax.Array) -> jax.Array:
+    """[B, T, N, H] -> o_proj -> [B, T, D]."""
+    b, t = attention_out.shape[:2]
+    return self.o_proj(attention_out.reshape(b, t, self.num_heads * self.head_dim))
 
 
 class MLP(nnx.Module):
@@ -156,10 +191,21 @@ class DecoderLM(nnx.Module):
     self.lm_head = (None if config.tie_word_embeddings else
                     Linear(config.hidden_size, config.vocab_size, dtype=dtype, rngs=rngs))
 
-  def init_cache(self, batch: int, max_len: int) -> tuple[DenseKVCache, ...]:
-    c = self.config
-    return tuple(DenseKVCache.zeros(batch, max_len, c.num_kv_heads, c.head_dim, self.dtype)
-                 for _ in range(c.num_layers))
+  def init_cache(self, batch: int, max_len: int) -> tuple:
+    """One empty cache per layer, of the layer's KV format."""
+    return tuple(layer.attn.new_cache(batch, max_len, self.dtype) for layer in self.layers)
+
+  def set_kv_format(self, kv_format: KVFormat) -> None:
+    """Every layer's cache stores `kv_format` from now on (split the model again after)."""
+    for layer in self.layers:
+      layer.attn.kv_format = kv_format
+
+  @property
+  def kv_format(self) -> KVFormat:
+    formats = {layer.attn.kv_format for layer in self.layers}
+    if len(formats) != 1:
+      raise ValueError(f"the layers have different KV formats: {formats}")
+    return formats.pop()
 
   def embed_inputs(self, tokens: jax.Array) -> jax.Array:
     """tokens [B, T] -> the first block's input [B, T, D] (scaled for Gemma)."""
