@@ -37,14 +37,17 @@ _PARAMS = "params"
 
 
 def _load_compressed(folder: Path, dtype: str):
-  """(model with the compressed parameters, tokenizer, manifest) of a `compress` folder."""
+  """(model with the compressed parameters and KV format, tokenizer, manifest) of a
+  `compress` folder."""
   from lowbit import checkpoint
+  from lowbit.kv_cache import kv_format
   from lowbit.recipes import load_into
   from models.loading import load_pretrained
   manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
   start = time.perf_counter()
   model, tokenizer = load_pretrained(manifest["model"], dtype=DTYPES[dtype])
   load_into(model, checkpoint.restore(folder / _PARAMS))
+  model.set_kv_format(kv_format(manifest.get("kv_cache", "dense")))
   print(f"loaded {folder} ({manifest['recipe']} of {manifest['model']}) in "
         f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
   return model, tokenizer, manifest
@@ -67,6 +70,8 @@ def cmd_eval(args) -> int:
     provenance["compressed"] = str(folder)
   else:
     model, tokenizer = _load(args)
+  _set_kv_cache(model, args.kv_cache)
+  provenance["kv_cache"] = model.kv_format.to_dict()
   ids = tokenizer.encode(text)
   start = time.perf_counter()
   result = perplexity(model, ids, args.seq_len, max_tokens=args.max_tokens,
@@ -83,6 +88,13 @@ def cmd_eval(args) -> int:
     print(f"perplexity {result['perplexity']:.4f} over {result['tokens']} predicted tokens "
           f"({result['windows']} windows of {args.seq_len}) in {result['seconds']} s")
   return 0
+
+
+def _set_kv_cache(model, name: str | None) -> None:
+  """--kv-cache: the format the model's KV cache stores from now on (None: unchanged)."""
+  if name is not None:
+    from lowbit.kv_cache import kv_format
+    model.set_kv_format(kv_format(name))
 
 
 def parameter_bytes(model) -> int:
@@ -112,7 +124,7 @@ def cmd_compress(args) -> int:
   `manifest.json`; the folder appears whole or not at all."""
   from lowbit import checkpoint
   from lowbit.data import read_text, text_path
-  from lowbit.recipes import compress, get_recipe, settings_of
+  from lowbit.recipes import compress, get_recipe, recipe_kv_format, settings_of
   from train.perplexity import make_windows
   out = Path(args.out).absolute()
   if out.exists():
@@ -143,6 +155,7 @@ def cmd_compress(args) -> int:
     model_ref = str(Path(args.model).absolute())
   manifest = dict(
       format="lowbit.compressed", model=model_ref, recipe=args.recipe, settings=settings,
+      kv_cache=recipe_kv_format(args.recipe, settings).to_dict(),
       calib_text=None if windows is None else text_path(args.calib).name,
       calib_text_path=None if windows is None else str(text_path(args.calib).absolute()),
       calib_samples=None if windows is None else int(windows.shape[0]),
@@ -178,7 +191,11 @@ def _parse_setting(text: str) -> tuple[str, object]:
 def cmd_generate(args) -> int:
   from models.generate import Generator, Sampling
   sampling = Sampling(args.temperature, args.top_k, args.top_p)
-  model, tokenizer = _load(args)
+  if (Path(args.model) / MANIFEST).is_file():
+    model, tokenizer, _ = _load_compressed(Path(args.model), args.dtype)
+  else:
+    model, tokenizer = _load(args)
+  _set_kv_cache(model, args.kv_cache)
   prompt = args.prompt
   if not args.no_chat_template and tokenizer.chat_template is not None:
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -205,13 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
   def add_model_args(p):
     p.add_argument("--model", required=True,
                    help="a known name (smollm2-135m, gemma3-270m), a .gguf file, a "
-                        "Hugging Face folder (config.json + safetensors) or, for eval, a "
-                        "folder written by compress")
+                        "Hugging Face folder (config.json + safetensors) or, for eval and "
+                        "generate, a folder written by compress")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+
+  def add_kv_cache_arg(p):
+    p.add_argument("--kv-cache", default=None, metavar="FORMAT",
+                   help="run with this KV cache format (dense, kv8, kv4, kv4-token, "
+                        "kv4-atom, kv2); default: a compressed folder's, else dense")
 
   p = sub.add_parser("compress", help="compress a model by a recipe into a folder")
   add_model_args(p)
-  p.add_argument("--recipe", required=True, help="rtn, w4a16, w8a8 or atom-w4a4")
+  p.add_argument("--recipe", required=True,
+                 help="rtn, w4a16, w8a8, atom-w4a4, quarot-w4a4, or a KV cache format (kv8, "
+                      "kv4, kv4-token, kv4-atom, kv2); any recipe takes --set kv_cache=FORMAT")
   p.add_argument("--calib", default=None,
                  help="calibration text: a shipped text (emma) or a UTF-8 file; never the "
                       "evaluation text")
@@ -227,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--text", default="pride-and-prejudice",
                  help="a shipped text (pride-and-prejudice, emma) or a UTF-8 file")
   p.add_argument("--seq-len", type=int, default=512)
+  add_kv_cache_arg(p)
   p.add_argument("--max-tokens", type=int, default=None,
                  help="cap on text tokens before windowing")
   p.add_argument("--batch-size", type=int, default=1)
@@ -237,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("generate", help="stream a completion")
   add_model_args(p)
+  add_kv_cache_arg(p)
   p.add_argument("--prompt", required=True)
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
