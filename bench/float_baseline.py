@@ -8,9 +8,9 @@ Every later speedup is measured against these numbers. In one process on one GPU
   2. a Llama-3-8B-shaped `DecoderLM` with random normal bf16 weights, drawn on the device by
      a jitted generator per weight shape (nothing large on the host);
   3. prefill tokens/s (batch 1 and 8 x 2048 tokens) through `models.generate._prefill`, and
-     model FLOPs utilization against the measured matmul rate; two bench-only variants show
-     what is left on the table: the lm_head on the last position only, and that plus cuDNN
-     flash attention patched in for the reference attention;
+     model FLOPs utilization against the measured matmul rate (the first runs also timed
+     two bench-only variants, the lm_head on the last position only and cuDNN flash
+     attention; both are library code now, compared by bench/prefill_dispatch.py);
   4. decode tokens/s through the compiled decode loop `models.generate._decode_loop`
      (256 steps per call; batch 1 after a real 512-token prefill and at an 8k context,
      batch 8 and 32), against the roofline (weight bytes + KV bytes read per step) /
@@ -48,7 +48,6 @@ from lowbit.attention import attention_mask, gqa_attention
 from lowbit.kv_cache import DenseKVCache
 from lowbit.nn import linear
 from models import generate
-from models import transformer as transformer_module
 from models.config import ModelConfig, RopeScaling, for_architecture
 from models.transformer import DecoderLM
 
@@ -166,40 +165,6 @@ def random_cache(config: ModelConfig, batch: int, max_len: int, seed: int):
       DenseKVCache(_random_normal(keys[2 * i], shape, 1.0),
                    _random_normal(keys[2 * i + 1], shape, 1.0))
       for i in range(c.num_layers)))
-
-
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
-def prefill_last_logits(graphdef, state, tokens, cache):
-  """As `generate._prefill`, but the lm_head only on the last position (what it needs)."""
-  model = nnx.merge(graphdef, state)
-  hidden, cache = model.hidden_states(tokens, cache=cache, prefill=True)
-  return model.logits(hidden[:, -1]), cache
-
-
-def _flash_causal_attention(q, k, v, mask, *, scale, logit_softcap=None):
-  """Stand-in for `gqa_attention` in the prefill-from-empty case only (causal, T == S):
-  cuDNN flash attention on the GPU, XLA's fused version elsewhere. Measurement only."""
-  del mask
-  if logit_softcap is not None:
-    raise NotImplementedError("no softcap in the flash stand-in")
-  implementation = "cudnn" if jax.default_backend() == "gpu" else None
-  return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
-                                      implementation=implementation)
-
-
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
-def prefill_last_logits_flash(graphdef, state, tokens, cache):
-  """`prefill_last_logits` with the model's attention swapped for cuDNN flash attention
-  while tracing: what a fused attention kernel would give prefill (bench-only patch; the
-  model and the reference attention are unchanged)."""
-  original = transformer_module.gqa_attention
-  transformer_module.gqa_attention = _flash_causal_attention
-  try:
-    model = nnx.merge(graphdef, state)
-    hidden, cache = model.hidden_states(tokens, cache=cache, prefill=True)
-    return model.logits(hidden[:, -1]), cache
-  finally:
-    transformer_module.gqa_attention = original
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,13 +456,12 @@ class Bench:
     prompt = random_tokens(batch, tokens, c.vocab_size, seed=8)
     model_flops = prefill_model_flops(c, batch, tokens)
     roof_ms = model_flops / self.matmul_rate * 1e3
+    # The bench-only variants of the first runs (lm_head on the last position, cuDNN flash
+    # attention patched in) are library code now (bench/prefill_dispatch.py compares).
     variants = [
         ("library", generate._prefill,
-         "models.generate._prefill (XLA; lm_head on all positions)"),
-        ("last_logits", prefill_last_logits,
-         "bench prefill_last_logits (same model; lm_head on the last position)"),
-        ("flash_attn", prefill_last_logits_flash,
-         "bench prefill_last_logits + cuDNN flash attention patched in (not library code)"),
+         "models.generate._prefill (lm_head on the last position; cuDNN flash attention "
+         "on GPU)"),
     ]
     reference_logits = None
     for name, fn, impl in variants:
