@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lowbit.qtensor import QTensor, dequantize
+from lowbit.qtensor import QTensor, apply_input_transform, dequantize
 from lowbit.quantize import fake_quantize
 from pallas_kernels.quantized_matmul import api as quantized_matmul
 
@@ -63,6 +63,12 @@ def qtensor_linear(x: jax.Array, q: QTensor) -> jax.Array:
   """x [..., in] times a QTensor [out, in] -> [..., out]: the one place where a QTensor
   matmul is chosen.
 
+  An input transform (q.input_transform = "hadamard", QuaRot's online rotation) is applied
+  to x first: x M^T, one fast Hadamard transform of the input width per call (cost per
+  element = the sum of its Kronecker factor orders: 28 at 576 = 12 x 12 x 4, 140 at 1536 =
+  12 x 128; a runtime would rotate once for the linears that share an input, q/k/v and
+  gate/up). Everything after runs in that basis, against the stored weight W M^T.
+
   Weight-only 4/8-bit formats without outlier tail or permutation (W4A16, W8A16) run the
   quantized matmul of `pallas_kernels` (its Pallas kernel on GPU/TPU where it serves the
   shape, its XLA reference elsewhere). Every other format runs the simulation: the weight
@@ -70,22 +76,26 @@ def qtensor_linear(x: jax.Array, q: QTensor) -> jax.Array:
   the activation quantizer the QTensor names (in the stored channel order), so the result
   is exactly that of the fake-quantized float model.
   """
+  x = apply_input_transform(x, q)
   if q.act_quant is None and not q.num_outliers and q.perm is None and q.bits in (4, 8):
     y = quantized_matmul.weight_only_matmul(x.reshape(-1, x.shape[-1]), q.codes, q.scales,
                                             q.zeros, bits=q.bits, group_size=q.group_size)
     return y.reshape(*x.shape[:-1], y.shape[-1])
   if q.act_quant is not None:
     x = _fake_quantize_input(x, q)
-  return linear(x, dequantize(q))
+  return linear(x, dequantize(q, transformed=True))
 
 
 def _fake_quantize_input(x, q):
-  """x [..., K] on the grid of q.act_quant (see lowbit.qtensor), back in the original order."""
+  """x [..., K] (already in q's input-transform basis) on the grid of q.act_quant (see
+  lowbit.qtensor), back in the original channel order."""
   if q.act_quant == "int8_token":
     return fake_quantize(x, bits=8, clip_ratio=q.act_clip)
   if q.perm is not None:
     x = x[..., q.perm]
-  x = fake_quantize(x, bits=4, group_size=q.group_size, num_outliers=q.num_outliers,
+  # int4_group: groups of the weight's group size; int4_token: one group per token.
+  group_size = q.group_size if q.act_quant == "int4_group" else None
+  x = fake_quantize(x, bits=4, group_size=group_size, num_outliers=q.num_outliers,
                     clip_ratio=q.act_clip)
   if q.perm is not None:
     x = jnp.zeros_like(x).at[..., q.perm].set(x)

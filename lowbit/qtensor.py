@@ -31,10 +31,20 @@ Invariants (checked by `validate`):
     None (float activations); "int8_token" (symmetric int8, one scale per token: W8A8);
     "int4_group" (Atom W4A4: the gathered input in groups of `group_size`, symmetric 4-bit
     per token, and the tail in symmetric int8 per token; no clipping, as Atom's runtime
-    kernels, SPEC.md 1.2).
+    kernels, SPEC.md 1.2); "int4_token" (symmetric 4-bit, one scale per token over the whole
+    main part, the tail, if any, in int8 per token: QuaRot's activation quantizer).
   * act_clip in (0, 1]: the activation quantizer's scale is act_clip * max|x| / (2**(b-1) - 1)
     on the main part (Atom's simulation clips at 0.9; its CUDA kernels and the default, 1.0,
     do not clip); the int8 tail is never clipped.
+  * input_transform, an orthonormal transform M [K, K] of the input that the stored weight is
+    expressed in: None, or "hadamard" (M = `lowbit.hadamard.hadamard_matrix(K,
+    seed=input_seed)`, plain when input_seed is None, randomized by seeded signs otherwise;
+    K must be a buildable Hadamard order). The codes (and perm, groups, tail) are those of
+    W M^T, and the product runs (x M^T) (W M^T)^T = x W^T: the input is rotated, then gathered
+    by perm and quantized by act_quant, so the activation quantizer sees x M^T (QuaRot's
+    online rotation; outliers spread over all channels). `dequantize` returns W (M^T undone);
+    `dequantize(q, transformed=True)` returns W M^T. input_seed is None unless
+    input_transform is set.
 
 Sharding: codes, scales and zeros split along the weight's axes (`qtensor_sharding`).
 """
@@ -42,6 +52,7 @@ Sharding: codes, scales and zeros split along the weight's axes (`qtensor_shardi
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import jax
@@ -49,8 +60,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lowbit.hadamard import apply_hadamard, has_hadamard
+
 PACKING_4BIT = "group_halves"
-ACT_QUANTS = (None, "int8_token", "int4_group")
+ACT_QUANTS = (None, "int8_token", "int4_group", "int4_token")
+INPUT_TRANSFORMS = (None, "hadamard")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +84,11 @@ class QTensor:
   num_outliers: int = 0
   dtype: str = "float32"
   # The activation quantizer this weight expects (None: activations stay in float).
-  act_quant: Literal[None, "int8_token", "int4_group"] = None
+  act_quant: Literal[None, "int8_token", "int4_group", "int4_token"] = None
   act_clip: float = 1.0
+  # The orthonormal transform of the input the weight is stored in (None: the identity).
+  input_transform: Literal[None, "hadamard"] = None
+  input_seed: int | None = None
 
   @property
   def symmetric(self) -> bool:
@@ -94,13 +111,13 @@ class QTensor:
     """Bytes actually stored (packed 4-bit codes count half a byte per value)."""
     return sum(int(leaf.nbytes) for leaf in jax.tree.leaves(self))
 
-  def dequantize(self) -> jax.Array:
-    return dequantize(self)
+  def dequantize(self, *, transformed: bool = False) -> jax.Array:
+    return dequantize(self, transformed=transformed)
 
 
 DATA_FIELDS = ("codes", "scales", "zeros", "outlier_codes", "outlier_scales", "perm")
 META_FIELDS = ("shape", "bits", "group_size", "num_outliers", "dtype", "act_quant",
-               "act_clip")
+               "act_clip", "input_transform", "input_seed")
 jax.tree_util.register_dataclass(QTensor, data_fields=list(DATA_FIELDS),
                                  meta_fields=list(META_FIELDS))
 
@@ -133,9 +150,11 @@ def codes_of(q: QTensor) -> jax.Array:
   return unpack_4bit(q.codes, q.group_size) if q.packed else q.codes
 
 
-@jax.jit
-def dequantize(q: QTensor) -> jax.Array:
-  """The float weight [N, K] in the original input-channel order, in q.dtype."""
+@functools.partial(jax.jit, static_argnames=("transformed",))
+def dequantize(q: QTensor, *, transformed: bool = False) -> jax.Array:
+  """The float weight W [N, K] in the original input-channel order, in q.dtype; with
+  `transformed`, W M^T in the basis of q.input_transform (what the simulated matmul
+  multiplies the transformed input by; the same as W when input_transform is None)."""
   n, k = q.shape
   groups = codes_of(q).astype(jnp.float32).reshape(n, -1, q.group_size)
   if q.zeros is not None:
@@ -147,7 +166,19 @@ def dequantize(q: QTensor) -> jax.Array:
   if q.perm is not None:
     # Stored column j is original column perm[j]: scatter back to the original order.
     main = jnp.zeros_like(main).at[:, q.perm].set(main)
+  if q.input_transform is not None and not transformed:
+    # Rows are M w: M^T undoes it.
+    main = apply_input_transform(main, q, inverse=True)
   return main.astype(q.dtype)
+
+
+def apply_input_transform(x: jax.Array, q: QTensor, *, inverse: bool = False) -> jax.Array:
+  """x [..., K] -> x M^T (M = q's input transform; `inverse`: x M), in x's dtype.
+  Traceable. The identity when q.input_transform is None."""
+  if q.input_transform is None:
+    return x
+  # apply_hadamard computes M v for every vector v along the axis: for a row x, x M^T.
+  return apply_hadamard(x, -1, seed=q.input_seed, transpose=inverse)
 
 
 def validate(q: QTensor) -> None:
@@ -167,6 +198,16 @@ def validate(q: QTensor) -> None:
     raise ValueError(f"QTensor act_quant={q.act_quant!r} is not one of {ACT_QUANTS}")
   if not 0.0 < q.act_clip <= 1.0:
     raise ValueError(f"QTensor act_clip={q.act_clip} must be in (0, 1]")
+  if q.input_transform not in INPUT_TRANSFORMS:
+    raise ValueError(f"QTensor input_transform={q.input_transform!r} is not one of "
+                     f"{INPUT_TRANSFORMS}")
+  if q.input_transform is None and q.input_seed is not None:
+    raise ValueError(f"QTensor input_seed={q.input_seed} without an input_transform")
+  if q.input_seed is not None and not isinstance(q.input_seed, (int, np.integer)):
+    raise ValueError(f"QTensor input_seed={q.input_seed!r} is not an integer")
+  if q.input_transform == "hadamard" and not has_hadamard(k):
+    raise ValueError(f"QTensor input_transform='hadamard' has no Hadamard matrix of order "
+                     f"K={k}")
 
   def expect(name, array, shape, dtype):
     if array is None:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lowbit.hadamard import hadamard_matrix, has_hadamard
 from lowbit.nn import linear
 from lowbit.qtensor import dequantize, pack_4bit, unpack_4bit, validate
 from lowbit.quantize import fake_quantize, quantize_weight
@@ -230,3 +231,81 @@ def test_weight_only_qtensors_run_the_quantized_matmul_op(monkeypatch):
   assert calls == [((12, 64), 4)] and y.shape == (3, 4, 24)
   linear(x, quantize_weight(w, bits=8, group_size=None, symmetric=True, act_quant="int8_token"))
   assert len(calls) == 1
+
+
+def _rotated(w, *, seed, bits=4, group_size=32, act_quant=None):
+  """A QTensor of w [N, K] stored in the Hadamard basis: the codes of W M^T."""
+  m = np.asarray(hadamard_matrix(w.shape[1], seed=seed), np.float64)
+  q = quantize_weight((w.astype(np.float64) @ m.T).astype(np.float32), bits=bits,
+                      group_size=group_size, symmetric=True, act_quant=act_quant)
+  return dataclasses.replace(q, input_transform="hadamard", input_seed=seed), m
+
+
+@pytest.mark.parametrize("seed,bits", [(None, 4), (7, 4), (7, 8)])
+def test_rotated_qtensor_computes_x_times_its_weight(seed, bits):
+  # K = 96 = 12 x 8, not a power of two. Without an activation quantizer the rotation is
+  # exact: (x M^T) (W M^T)^T = x W^T for the W the QTensor dequantizes to.
+  rng = _rng(8)
+  w = rng.standard_normal((24, 96)).astype(np.float32)
+  x = rng.standard_normal((2, 3, 96)).astype(np.float32)
+  q, m = _rotated(w, seed=seed, bits=bits)
+  validate(q)
+  deq = np.asarray(dequantize(q), np.float64)  # W, the rotation undone
+  np.testing.assert_allclose(deq @ m.T, dequantize(q, transformed=True), atol=1e-5)
+  y = np.asarray(jax.jit(linear)(x, q))
+  np.testing.assert_allclose(y, x @ deq.T, rtol=1e-5, atol=1e-4)
+  rel = np.linalg.norm(y - x @ w.T) / np.linalg.norm(x @ w.T)
+  assert rel < (0.15 if bits == 4 else 0.01)
+
+
+def test_rotated_qtensor_quantizes_the_rotated_input():
+  rng = _rng(9)
+  w = rng.standard_normal((16, 96)).astype(np.float32)
+  x = rng.standard_normal((5, 96)).astype(np.float32)
+  x[:, 3] *= 20  # one outlier channel, as in LLM activations, where its weights are small
+  w[:, 3] /= 20
+  exact = x.astype(np.float64) @ w.T
+  err = {}
+  for act_quant in ("int4_token", "int4_group"):
+    q, m = _rotated(w, seed=1, act_quant=act_quant, group_size=48)
+    q = dataclasses.replace(q, act_clip=0.9)
+    group = 48 if act_quant == "int4_group" else None
+    xq = np.asarray(fake_quantize((x.astype(np.float64) @ m.T).astype(np.float32), bits=4,
+                                  group_size=group, clip_ratio=0.9))
+    y = np.asarray(linear(x, q))
+    _assert_dot_close(y, xq, np.asarray(dequantize(q, transformed=True), np.float64))
+    err[act_quant] = np.linalg.norm(y - exact) / np.linalg.norm(exact)
+  # Without the rotation, the outlier sets the per-token scale and the rest rounds to 0.
+  plain = quantize_weight(w, bits=4, group_size=48, symmetric=True, act_quant="int4_token")
+  err["plain"] = np.linalg.norm(np.asarray(linear(x, plain)) - exact) / np.linalg.norm(exact)
+  assert max(err["int4_token"], err["int4_group"]) < 0.5 * err["plain"], err
+
+
+def test_validate_checks_the_input_transform():
+  w = _rng(10).standard_normal((8, 96)).astype(np.float32)
+  q, _ = _rotated(w, seed=3)
+  for bad, match in [(dict(input_transform="fft"), "input_transform='fft'"),
+                     (dict(input_transform=None), "input_seed=3 without"),
+                     (dict(input_seed=1.5), "input_seed=1.5 is not an integer")]:
+    with pytest.raises(ValueError, match=match):
+      validate(dataclasses.replace(q, **bad))
+  assert not has_hadamard(6)
+  six = quantize_weight(w[:, :6], bits=4, group_size=6, symmetric=True)
+  with pytest.raises(ValueError, match="no Hadamard matrix of order K=6"):
+    validate(dataclasses.replace(six, input_transform="hadamard"))
+
+
+def test_input_transform_survives_a_checkpoint(tmp_path):
+  from lowbit import checkpoint
+  w = _rng(11).standard_normal((8, 96)).astype(np.float32)
+  params = {"a": _rotated(w, seed=5, act_quant="int4_token")[0],
+            "b": _rotated(w, seed=None)[0], "c": quantize_weight(w, bits=4, group_size=32,
+                                                                  symmetric=True)}
+  checkpoint.save(tmp_path / "c", params)
+  restored = checkpoint.restore(tmp_path / "c")
+  assert jax.tree.structure(restored) == jax.tree.structure(params)  # static fields too
+  assert (restored["a"].input_transform, restored["a"].input_seed) == ("hadamard", 5)
+  assert (restored["b"].input_transform, restored["b"].input_seed) == ("hadamard", None)
+  assert restored["c"].input_transform is None
+  for key in params:
+    np.testing.assert_array_equal(dequantize(restored[key]), dequantize(params[key]))

@@ -15,6 +15,8 @@ lowbit compress --model smollm2-135m --recipe w4a16 --set group_size=64 --calib 
 lowbit compress --model smollm2-135m --recipe w8a8 --out "$out/w8a8"
 lowbit compress --model smollm2-135m --recipe atom-w4a4 --calib emma --calib-samples 16 \
   --calib-seq-len 512 --out "$out/atom-w4a4"
-for recipe in rtn w4a16 w8a8 atom-w4a4; do
+lowbit compress --model smollm2-135m --recipe quarot-w4a4 --calib emma --calib-samples 16 \
+  --calib-seq-len 512 --out "$out/quarot-w4a4"
+for recipe in rtn w4a16 w8a8 atom-w4a4 quarot-w4a4; do
   lowbit eval --model "$out/$recipe" "${eval_args[@]}"
 done
