@@ -82,7 +82,7 @@ def test_the_capture_is_off_outside_its_scope(params):
   assert len(calls) == 1
 
 
-@pytest.mark.parametrize("name", sorted(RECIPES))
+@pytest.mark.parametrize("name", sorted(n for n, r in RECIPES.items() if r.make is not None))
 def test_recipes_keep_paths_and_the_model_runs(params, name):
   model = from_params(_CONFIG, params)
   windows = _tokens((4, 16), 1)
@@ -102,10 +102,13 @@ def test_recipes_keep_paths_and_the_model_runs(params, name):
   assert isinstance(model.layers[0].attn.q_proj.weight.get_value(), jax.Array)  # untouched
   q = new["layers"][1]["mlp"]["down_proj"]["weight"]
   expected = {"rtn": (4, None, 0), "w4a16": (4, None, 0), "w8a8": (8, "int8_token", 0),
-              "atom-w4a4": (4, "int4_group", 8)}[name]
+              "atom-w4a4": (4, "int4_group", 8), "quarot-w4a4": (4, "int4_group", 0)}[name]
   assert (q.bits, q.act_quant, q.num_outliers) == expected
   if name == "atom-w4a4":
     assert q.act_clip == 0.9 and q.perm is not None and q.zeros is None
+  if name == "quarot-w4a4":
+    assert (q.input_transform, q.input_seed, q.act_clip) == ("hadamard", 0, 0.9)
+    assert q.perm is None and q.zeros is None and q.group_size == 96  # 128 fitted to 96
   reference = model(jnp.asarray(windows))[0]
   load_into(model, new)
   logits = model(jnp.asarray(windows))[0]
@@ -148,6 +151,33 @@ def test_gptq_through_calibration_beats_rtn_on_held_out_tokens(params):
   assert errors["w4a16"] < 0.5 * errors["rtn"], errors
 
 
+def test_quarot_gptq_sees_the_rotated_hessian():
+  # Correlated inputs with an outlier channel; GPTQ on W M^T must use M H M^T to beat RTN
+  # on the layer's output error x (W - Wq)^T (weights only: dequantize undoes M).
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal((512, 8)) @ rng.standard_normal((8, 64)) + \
+      0.1 * rng.standard_normal((512, 64))
+  x[:, 5] *= 10
+  w = rng.standard_normal((32, 64)).astype(np.float32)
+  stats = calibration.LinearStats((x.T @ x).astype(np.float32), 512)
+  recipe = RECIPES["quarot-w4a4"]
+  errors = {}
+  for gptq in (False, True):
+    for seed in (None, 4, 0):
+      q = recipe.make(64, **dict(recipe.defaults, gptq=gptq, seed=seed))("p", w, stats)
+      assert q.input_seed == seed and q.input_transform == "hadamard"
+      errors[gptq, seed] = np.linalg.norm(x @ (w - np.asarray(q.dequantize())).T)
+  for seed in (None, 4, 0):
+    assert errors[True, seed] < 0.7 * errors[False, seed], errors
+  # act_order with groups: the GPTQ order becomes perm, applied after the rotation.
+  q = recipe.make(64, **dict(recipe.defaults, act_order=True, group_size=32))("p", w, stats)
+  assert q.perm is not None and q.input_transform == "hadamard"
+  assert np.linalg.norm(x @ (w - np.asarray(q.dequantize())).T) < 0.7 * errors[False, 0]
+  xs = jnp.asarray(x[:4], jnp.float32)
+  np.testing.assert_allclose(qtensor_linear(xs, dataclasses.replace(q, act_quant=None)),
+                             xs @ q.dequantize().T, rtol=1e-4, atol=1e-3)
+
+
 def test_activation_clip_is_simulated_and_validated():
   rng = np.random.default_rng(5)
   w = jnp.asarray(rng.standard_normal((8, 32)), jnp.float32)
@@ -183,6 +213,12 @@ def test_errors(params):
   odd = for_architecture("llama", **dict(_DIMS, intermediate_size=45))
   with pytest.raises(ValueError, match="layers.0.mlp.down_proj: 45 input channels"):
     compress(from_params(odd, _params(odd)), "rtn", log=None)
+  with pytest.raises(ValueError, match="down_proj: no Hadamard matrix of order 45"):
+    compress(from_params(odd, _params(odd)), "quarot-w4a4", np.zeros((1, 4), np.int64),
+             log=None)
+  with pytest.raises(ValueError, match="act_quant='int8_token' must be"):
+    compress(model, "quarot-w4a4", np.zeros((1, 4), np.int64),
+             settings={"act_quant": "int8_token"}, log=None)
 
 
 def _tiny_hf_folder(folder, params):
@@ -247,3 +283,26 @@ def test_compress_then_eval_through_the_cli(tmp_path, params, capsys):
                str(tmp_path / "x")]) == 2
   assert "needs --calib" in capsys.readouterr().err
   assert not (tmp_path / "x").exists()
+
+
+def test_palu_and_composed_recipes(params):
+  """`palu` replaces only k/v projections by low-rank leaves; `w4a16+palu` keeps GPTQ
+  QTensors elsewhere and the low-rank K/V of Palu; shared settings are refused."""
+  from lowbit.lowrank import LowRankKV
+  from lowbit.recipes import get_recipe, settings_of
+  model = from_params(_CONFIG, params)
+  windows = _tokens((4, 16), 1)
+  composed = compress(model, "w4a16+palu", windows,
+                      {"group_size": 32, "ratio": 0.5, "rank_method": "uniform"}, log=None)
+  attn, mlp = composed["layers"][0]["attn"], composed["layers"][0]["mlp"]
+  assert isinstance(attn["k_proj"]["weight"], LowRankKV)
+  assert isinstance(attn["v_proj"]["weight"], LowRankKV)
+  assert isinstance(attn["q_proj"]["weight"], QTensor)
+  assert isinstance(mlp["down_proj"]["weight"], QTensor)
+  load_into(model, composed)
+  assert bool(jnp.isfinite(model(jnp.asarray(windows))[0]).all())
+  assert settings_of("w4a16+palu")["ratio"] == 0.5
+  with pytest.raises(ValueError, match="share the settings"):
+    get_recipe("w4a16+rtn")
+  with pytest.raises(ValueError, match="unknown recipe 'palu2'"):
+    get_recipe("w4a16+palu2")

@@ -234,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("compress", help="compress a model by a recipe into a folder")
   add_model_args(p)
   p.add_argument("--recipe", required=True,
-                 help="rtn, w4a16, w8a8, atom-w4a4, quarot-w4a4, or a KV cache format (kv8, "
-                      "kv4, kv4-token, kv4-atom, kv2); any recipe takes --set kv_cache=FORMAT")
+                 help="rtn, w4a16, w8a8, atom-w4a4, quarot-w4a4, palu, a KV cache format "
+                      "(kv8, kv4, kv4-token, kv4-atom, kv2), or recipes joined by + "
+                      "(w4a16+palu); any recipe takes --set kv_cache=FORMAT")
   p.add_argument("--calib", default=None,
                  help="calibration text: a shipped text (emma) or a UTF-8 file; never the "
                       "evaluation text")
