@@ -17,6 +17,7 @@ import os
 import statistics
 import subprocess
 import time
+import traceback
 from typing import Any, Callable
 
 import jax
@@ -79,6 +80,19 @@ def time_calls(fn: Callable[[], Any], *, warmup: int = 2, iters: int = 10,
     block(out)
     samples.append((time.perf_counter() - start) * 1e3 / inner)
   return samples
+
+
+def guarded(label: str, fn: Callable[[], Any], failures: list[str]) -> Any:
+  """fn(), or None after printing and recording in `failures` what it raised: one failing
+  candidate must not stop a benchmark run."""
+  try:
+    return fn()
+  except Exception as e:
+    msg = f"FAILED {label}: {type(e).__name__}: {str(e)[:400]}"
+    print(msg, flush=True)
+    traceback.print_exc(limit=3)
+    failures.append(msg)
+    return None
 
 
 def median(samples: list[float]) -> float:

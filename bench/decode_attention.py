@@ -44,7 +44,6 @@ import math
 import os
 import sys
 import time
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -226,14 +225,7 @@ class Bench:
     self.dpa_impl = None
 
   def guarded(self, label, fn):
-    try:
-      return fn()
-    except Exception as e:  # a failed candidate must not stop the run
-      msg = f"FAILED {label}: {type(e).__name__}: {str(e)[:400]}"
-      print(msg, flush=True)
-      traceback.print_exc(limit=2)
-      self.failures.append(msg)
-      return None
+    return common.guarded(label, fn, self.failures)
 
   def ceiling(self):
     bw = common.measure_read_bandwidth((1 << 20) if INTERPRET else (1 << 30),

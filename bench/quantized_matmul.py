@@ -33,7 +33,6 @@ import math
 import os
 import sys
 import time
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -207,14 +206,7 @@ class Bench:
     self.summary.append(line)
 
   def guarded(self, label, fn):
-    try:
-      return fn()
-    except Exception as e:  # a failed candidate must not stop the run
-      msg = f"FAILED {label}: {type(e).__name__}: {str(e)[:400]}"
-      print(msg, flush=True)
-      traceback.print_exc(limit=3)
-      self.failures.append(msg)
-      return None
+    return common.guarded(label, fn, self.failures)
 
   # -- correctness
   def check(self):

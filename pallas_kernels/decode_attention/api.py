@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import jax
 
+from pallas_kernels.dispatch import kernel_kwargs
 from pallas_kernels.decode_attention import gpu
 from pallas_kernels.decode_attention import reference
 from pallas_kernels.decode_attention import tpu
@@ -41,16 +42,8 @@ def _order(implementation) -> tuple[str, ...]:
 
 
 def _kernel_kwargs(name: str, block_sizes, interpret) -> dict[str, Any]:
-  if name == "xla":
-    return {}
-  want = BlockSizes if name == "pallas_gpu" else TpuBlockSizes
-  kwargs: dict[str, Any] = {"interpret": interpret}
-  if block_sizes is not None:
-    if not isinstance(block_sizes, want):
-      raise TypeError(f"{name} takes block_sizes of type {want.__name__}, got "
-                      f"{type(block_sizes).__name__}")
-    kwargs["block_sizes"] = block_sizes
-  return kwargs
+  return kernel_kwargs(name, block_sizes, interpret, gpu_type=BlockSizes,
+                       tpu_type=TpuBlockSizes)
 
 
 def decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.dispatch import kernel_kwargs
 from pallas_kernels.quantized_matmul import gpu
 from pallas_kernels.quantized_matmul import reference
 from pallas_kernels.quantized_matmul import tpu
@@ -66,16 +67,8 @@ def _order(op: str, implementation, m: int | None = None) -> tuple[str, ...]:
 
 
 def _kernel_kwargs(name: str, block_sizes, interpret) -> dict[str, Any]:
-  if name.startswith("xla"):
-    return {}
-  want = BlockSizes if name == "pallas_gpu" else TpuBlockSizes
-  kwargs: dict[str, Any] = {"interpret": interpret}
-  if block_sizes is not None:
-    if not isinstance(block_sizes, want):
-      raise TypeError(f"{name} takes block_sizes of type {want.__name__}, got "
-                      f"{type(block_sizes).__name__}")
-    kwargs["block_sizes"] = block_sizes
-  return kwargs
+  return kernel_kwargs(name, block_sizes, interpret, gpu_type=BlockSizes,
+                       tpu_type=TpuBlockSizes)
 
 
 def _dispatch(op: str, fns: dict[str, Callable], implementation, block_sizes, interpret,
