@@ -1,4 +1,6 @@
-"""What every op's api.py shares: the keyword arguments that reach a Pallas implementation.
+"""What every op's api.py shares: the backend's default order of implementations, the
+check of an `implementation=` override, and the keyword arguments that reach a Pallas
+implementation.
 
 `block_sizes=` must be the block-size type of the implementation it reaches (GPU or TPU);
 `interpret=` runs a Pallas kernel on the CPU. XLA implementations take neither.
@@ -6,7 +8,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
+
+import jax
+
+
+def backend_order() -> tuple[str, ...]:
+  """The default order: the backend's Pallas kernel, then the XLA reference."""
+  return {"gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")}.get(
+      jax.default_backend(), ("xla",))
+
+
+def requested_order(implementation: str | Sequence[str],
+                    known: Sequence[str]) -> tuple[str, ...]:
+  """An `implementation=` override (a name or a sequence of names) as a checked tuple."""
+  names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
+  if not names:
+    raise ValueError("implementation=() names no implementation")
+  for name in names:
+    if name not in known:
+      raise ValueError(f"implementation={name!r} is not one of {tuple(known)}")
+  return names
 
 
 def kernel_kwargs(name: str, block_sizes, interpret, *, gpu_type: type,

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import jax
 
-from pallas_kernels.dispatch import kernel_kwargs
+from pallas_kernels.dispatch import backend_order, kernel_kwargs, requested_order
 from pallas_kernels.decode_attention import gpu
 from pallas_kernels.decode_attention import reference
 from pallas_kernels.decode_attention import tpu
@@ -29,16 +29,8 @@ IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "xla")
 
 
 def _order(implementation) -> tuple[str, ...]:
-  if implementation is None:
-    return {"gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")}.get(
-        jax.default_backend(), ("xla",))
-  names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
-  if not names:
-    raise ValueError("implementation=() names no implementation")
-  for name in names:
-    if name not in IMPLEMENTATIONS:
-      raise ValueError(f"implementation={name!r} is not one of {IMPLEMENTATIONS}")
-  return names
+  return backend_order() if implementation is None else requested_order(implementation,
+                                                                         IMPLEMENTATIONS)
 
 
 def _kernel_kwargs(name: str, block_sizes, interpret) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.dispatch import kernel_kwargs
+from pallas_kernels.dispatch import backend_order, kernel_kwargs, requested_order
 from pallas_kernels.quantized_matmul import gpu
 from pallas_kernels.quantized_matmul import reference
 from pallas_kernels.quantized_matmul import tpu
@@ -57,13 +57,8 @@ def _order(op: str, implementation, m: int | None = None) -> tuple[str, ...]:
       if m is not None and m > WEIGHT_ONLY_GPU_MAX_M:
         return ("xla_dequant", "xla")
       return ("pallas_gpu", "xla_dequant", "xla")
-    return {"gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")}.get(
-        backend, ("xla",))
-  names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
-  for name in names:
-    if name not in IMPLEMENTATIONS:
-      raise ValueError(f"implementation={name!r} is not one of {IMPLEMENTATIONS}")
-  return names
+    return backend_order()
+  return requested_order(implementation, IMPLEMENTATIONS)
 
 
 def _kernel_kwargs(name: str, block_sizes, interpret) -> dict[str, Any]:
