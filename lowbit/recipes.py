@@ -28,7 +28,9 @@ Recipes (defaults; change them by `settings`):
     "int4_token": one scale per token over the whole width), clipped at `act_clip`. No
     outlier tail (pointless after rotation).
     QuaRot's offline residual-stream rotation (norms fused, one Q through the embedding) is
-    not done: every linear pays one online Hadamard of its input width.
+    not done: every linear pays one online Hadamard of its input width. `fold_norms=True`
+    folds the pre-norms' scales into q/k/v and gate/up first (`lowbit.norm_fold`, QuaRot's
+    norm fusion); off by default: on SmolLM2 it costs perplexity (results/accuracy/recipes.md).
 
 KV cache: every recipe takes the setting `kv_cache`, the format the compressed model's KV
 cache stores (a name in `lowbit.kv_cache.KV_FORMATS`: dense, kv8, kv4 (KIVI: keys per
@@ -63,6 +65,7 @@ from lowbit.calibration import LinearStats, calibrate, check_model, linear_modul
 from lowbit.gptq import gptq_quantize
 from lowbit.hadamard import hadamard_matrix, has_hadamard
 from lowbit.kv_cache import KV_FORMATS, KVFormat, kv_format
+from lowbit.norm_fold import fold_norm_scales
 from lowbit.qtensor import QTensor, validate
 from lowbit.quantize import fit_group_size, quantize_weight
 
@@ -181,7 +184,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "4-bit KV cache per token with keys before RoPE", kv_cache="kv4-atom"),
     Recipe("quarot-w4a4", _quarot, dict(group_size=128, act_quant="int4_group",
                                          act_clip=0.9, weight_clip=0.85, damp=0.01,
-                                         gptq=True, act_order=True, seed=0), True,
+                                         gptq=True, act_order=True, seed=0,
+                                         fold_norms=False), True,
            "QuaRot: online Hadamard of every linear input, 4-bit weights (GPTQ) and "
            "activations"),
 )}
@@ -269,6 +273,8 @@ def compress(model, name: str, calib_windows=None, settings: Mapping[str, Any] |
   settings = settings_of(name, settings)
   del settings["kv_cache"]  # not a weight setting: see recipe_kv_format
   check_model(model)
+  if settings.pop("fold_norms", False):
+    model = fold_norm_scales(model)
   if recipe.needs_calibration and calib_windows is None:
     raise ValueError(f"recipe {name!r} needs calibration windows")
   if recipe.transform is not None:

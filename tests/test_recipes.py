@@ -16,6 +16,7 @@ from lowbit import calibration
 from lowbit.nn import capture_linear_inputs, qtensor_linear
 from lowbit.qtensor import QTensor, validate
 from lowbit.quantize import fake_quantize, quantize_weight
+from lowbit.norm_fold import fold_norm_scales
 from lowbit.recipes import RECIPES, atom_num_outliers, compress, load_into
 from models.config import for_architecture
 from models.loading import from_params, parameter_shapes
@@ -176,6 +177,27 @@ def test_quarot_gptq_sees_the_rotated_hessian():
   xs = jnp.asarray(x[:4], jnp.float32)
   np.testing.assert_allclose(qtensor_linear(xs, dataclasses.replace(q, act_quant=None)),
                              xs @ q.dequantize().T, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
+def test_fold_norm_scales_keeps_the_float_model(architecture):
+  config = for_architecture(architecture, **_DIMS)
+  model = from_params(config, _params(config))
+  tokens = jnp.asarray(_tokens((2, 12), 3))
+  folded = fold_norm_scales(model)
+  np.testing.assert_allclose(folded(tokens)[0], model(tokens)[0], rtol=1e-4, atol=1e-4)
+  norm = folded.layers[1].pre_mlp_norm
+  assert float(jnp.abs(norm.scale.get_value() - (0.0 if norm.plus_one else 1.0)).max()) == 0
+  assert float(jnp.abs(model.layers[1].pre_mlp_norm.scale.get_value()
+                       - folded.layers[1].pre_mlp_norm.scale.get_value()).max()) > 0
+  # compress folds before calibrating: the saved norms are identities, the model untouched.
+  params = compress(model, "quarot-w4a4", _tokens((2, 8), 4), {"fold_norms": True}, log=None)
+  assert np.all(np.asarray(params["layers"][0]["input_norm"]["scale"]) ==
+                (0.0 if norm.plus_one else 1.0))
+  assert isinstance(params["layers"][0]["attn"]["q_proj"]["weight"], QTensor)
+  load_into(model, compress(model, "rtn", log=None))
+  with pytest.raises(TypeError, match="attn.q_proj holds a QTensor; fold norm scales before"):
+    fold_norm_scales(model)
 
 
 def test_activation_clip_is_simulated_and_validated():
