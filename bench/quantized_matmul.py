@@ -18,6 +18,9 @@ In one process on one GPU (METHOD.md):
 
 Usage (GPU):  PYTHONUNBUFFERED=1 python3 -m bench.quantized_matmul --out $OUT
   --only check,w4a16,w8a8,fp8,w4a4   sections to run; --ms 1,16 to restrict M;
+  --only check,decode                the decode path (M in 1, 4, 16; four shapes): its
+                                     checks, then XLA bf16, the default tiling and the
+                                     alternatives of runs 5-6, one process;
   --sweep occupancy                  the decode sweep of run 4 (more programs per SM);
   --only profile                     a few plain calls for Nsight Compute (run with
                                      XLA_PYTHON_CLIENT_PREALLOCATE=false under ncu).
@@ -151,6 +154,54 @@ def time_op(op, sets, *, iters, warmup=2, r=None):
 
 
 # ---------------------------------------------------------------------------------------
+# The decode path (M <= 16): the default tiling and the alternatives of runs 5-6
+# (bench/results/quantized_matmul.md)
+
+
+def split_k_for(n_groups, tiles, per_sm):
+  """The largest split_k dividing n_groups with tiles x split_k <= per_sm programs per SM."""
+  target = max(1, per_sm * NUM_SMS // tiles)
+  return max(d for d in range(1, n_groups + 1) if n_groups % d == 0 and d <= target)
+
+
+def decode_label(bs):
+  if bs.cuda_cores:
+    return f"gemv[bn{bs.block_n} gs{bs.groups_per_step} w{bs.num_warps} sk{bs.split_k}]"
+  lhs = " lhs" if bs.weights_lhs else ""
+  return (f"mma[bn{bs.block_n}{lhs} cw{bs.code_word} w{bs.num_warps} s{bs.num_stages} "
+          f"sk{bs.split_k}]")
+
+
+def decode_configs(m, n, k, g):
+  """(label, BlockSizes): the default decode tiling ("pallas_gpu") and the alternatives
+  of run 6: weights as the dot's left operand (tiles, stages, split-K, one launch, 16-bit
+  code words) and, at M = 1, the CUDA-core GEMV (run 5 found it slower at M = 4)."""
+  groups = k // g
+  out = {"pallas_gpu": BlockSizes.get_default("weight_only", m, n, k, group_size=g, bits=4)}
+  cands = []
+  for bn, warps, stages, per_sm, cw in ((64, 4, 3, 8, 8), (64, 4, 4, 8, 8),
+                                        (64, 4, 3, 16, 8), (128, 8, 3, 8, 8),
+                                        (64, 4, 3, 1, 8), (64, 4, 3, 8, 16)):
+    cands.append(BlockSizes(16, bn, split_k=split_k_for(groups, -(-n // bn), per_sm),
+                            group_m=1, num_warps=warps, num_stages=stages, code_word=cw,
+                            weights_lhs=True))
+  if m == 1:
+    cands.append(BlockSizes(block_n=256, num_warps=8, cuda_cores=True,
+                            split_k=split_k_for(groups, -(-n // 256), 2)))
+  for bs in cands:
+    if bs not in out.values():
+      out[decode_label(bs)] = bs
+  return list(out.items())
+
+
+DECODE_CHECKS = [  # m, n, k, g, symmetric, block sizes
+    (1, 4096, 4096, 128, True, BlockSizes(block_n=128, split_k=2, cuda_cores=True)),
+    (3, 1000, 1024, 64, False, BlockSizes(block_n=64, groups_per_step=2, cuda_cores=True)),
+    (4, 257, 512, 32, True, BlockSizes(block_n=256, num_warps=8, cuda_cores=True)),
+    (13, 1000, 1024, 128, True, BlockSizes(16, 64, split_k=2, weights_lhs=True)),
+    (5, 257, 512, 32, False, BlockSizes(16, 128, weights_lhs=True)),
+    (16, 333, 1024, 64, False, BlockSizes(16, 64, code_word=16, weights_lhs=True)),
+]
 
 
 class Bench:
@@ -209,7 +260,8 @@ class Bench:
     return common.guarded(label, fn, self.failures)
 
   # -- correctness
-  def check(self):
+  def check(self, decode_only=False):
+    """Every Pallas-GPU kernel against the reference; `decode_only`: the decode paths."""
     ip = self.interpret
     rows = []
     tol = 5e-3  # bf16 output rounding (2^-9) dominates; the f32 math is tighter
@@ -222,6 +274,18 @@ class Bench:
       if not ok:
         self.failures.append(f"check {name} rel_err={err:.2e}")
 
+    for (m, n, k, g, sym, bs) in DECODE_CHECKS:
+      if self.tiny and m * n * k > 5e6:
+        continue
+      x = rand_x(m, k, 9)
+      codes, scales, zeros = rand_w4(n, k, g, 9, sym)
+      label = f"w4a16 g{g} {'sym' if sym else 'asym'} {decode_label(bs)} {m}x{n}x{k}"
+      self.guarded(label, lambda: add(
+          label, gpu.weight_only_matmul(x, codes, scales, zeros, bits=4, group_size=g,
+                                        block_sizes=bs, interpret=ip),
+          reference.weight_only_matmul(x, codes, scales, zeros, bits=4, group_size=g)))
+    if decode_only:
+      return rows
     for (m, n, k, g, sym, bits, cw) in [(1, 4096, 4096, 128, True, 4, 8),
                                         (13, 1000, 1024, 128, True, 4, 16),
                                         (70, 300, 512, 64, False, 4, 8),
@@ -260,8 +324,11 @@ class Bench:
     return rows
 
   # -- speed
-  def w4a16(self, shapes, ms):
+  def w4a16(self, shapes, ms, configs=None, with_dequant=True):
+    """W4A16 g128 against XLA bf16 (and XLA dequantize-then-dot); `configs(m, n, k, g)`
+    gives the (label, BlockSizes) to time, by default `w4a16_configs`."""
     g = 128
+    configs = configs or self.w4a16_configs
     for (n, k) in shapes:
       bytes_w = n * k // 2 + n * (k // g) * 4
       r = rotations(bytes_w)
@@ -280,14 +347,14 @@ class Bench:
           continue
         base_ms = base[0]
         self.record({**case, "op": "bf16"}, "xla_bf16", "xla_bf16", base_ms, base_ms,
-                    flops, 2 * n * k + io)
-        deq = self.guarded("dequant", lambda: time_op(
+                    flops, 2 * n * k + io, spread=base[1])
+        deq = with_dequant and self.guarded("dequant", lambda: time_op(
             functools.partial(xla_dequant_dot, g=g),
             [(xs[i], wsets[i][0], wsets[i][1]) for i in range(r4)], iters=self.iters))
-        if deq is not None:
+        if deq:
           self.record(case, "xla_dequant_dot", "xla_bf16", deq[0], base_ms, flops,
                       bytes_w + io)
-        for label, bs in self.w4a16_configs(m, n, k, g):
+        for label, bs in configs(m, n, k, g):
           def run(bs=bs):
             op = lambda x, c, s: gpu.weight_only_matmul(x, c, s, bits=4, group_size=g,
                                                         block_sizes=bs,
@@ -308,10 +375,7 @@ class Bench:
       return out
     n_groups = k // g
 
-    def split_for(bn, per_sm=4):
-      tiles = -(-n // bn)
-      target = max(1, per_sm * NUM_SMS // tiles)
-      return max(d for d in range(1, n_groups + 1) if n_groups % d == 0 and d <= target)
+    split_for = lambda bn, per_sm=4: split_k_for(n_groups, -(-n // bn), per_sm)
 
     if m <= 16 and self.args.sweep == "occupancy":
       # After Nsight Compute showed 0.48 waves / 18% achieved occupancy for the default
@@ -473,7 +537,7 @@ def main(argv=None):
     return 0
   b.ceilings()
   if "check" in only:
-    b.check()
+    b.check(decode_only=only == {"check", "decode"})
   if args.tiny:
     shapes, ms_w4, ms_w8 = [(256, 512)], [1, 20], [33]
   else:
@@ -481,6 +545,12 @@ def main(argv=None):
     ms_w4 = ms_w8 = [1, 16, 64, 256, 1024, 4096]
     if args.ms:
       ms_w4 = ms_w8 = [int(v) for v in args.ms.split(",")]
+  if "decode" in only:
+    decode_shapes = ([(256, 512)] if args.tiny else
+                     [(14336, 4096), (4096, 4096), (4096, 14336), (28672, 8192)])
+    b.w4a16(decode_shapes, [1, 4] if args.tiny else [1, 4, 16], configs=decode_configs,
+            with_dequant=False)
+    print(f"[decode done at {time.time() - t0:.0f}s]", flush=True)
   if "w4a16" in only:
     b.w4a16(shapes, ms_w4)
     if not args.tiny and not args.no_extra_shapes:

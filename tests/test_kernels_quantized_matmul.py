@@ -197,6 +197,16 @@ WO_CASES = [
     (300, 24, 256, 128, 4, True, jnp.bfloat16, BlockSizes(128, 16, group_m=4)),
     (3, 50, 256, 32, 8, True, jnp.bfloat16, BlockSizes(16, 32)),
     (20, 36, 256, 64, 8, False, jnp.float32, BlockSizes(16, 16, split_k=4)),
+    # The decode paths: weights as the dot's left operand, and the CUDA-core GEMV.
+    (1, 33, 256, 32, 4, True, jnp.bfloat16, BlockSizes(16, 16, split_k=2, weights_lhs=True)),
+    (3, 70, 512, 128, 4, False, jnp.bfloat16, BlockSizes(16, 32, weights_lhs=True)),
+    (16, 50, 256, 64, 4, False, jnp.bfloat16,
+     BlockSizes(16, 32, code_word=16, weights_lhs=True)),
+    (1, 40, 256, 128, 4, True, jnp.bfloat16, BlockSizes(block_n=16, cuda_cores=True)),
+    (3, 37, 512, 64, 4, False, jnp.bfloat16,
+     BlockSizes(block_n=8, groups_per_step=2, split_k=2, cuda_cores=True)),
+    (2, 33, 256, 32, 4, True, jnp.float32,
+     BlockSizes(block_n=16, groups_per_step=4, cuda_cores=True)),
 ]
 
 
@@ -245,6 +255,21 @@ def test_gpu_refuses_what_it_cannot_serve():
                            interpret=True)
   with pytest.raises(ValueError, match="block_n"):
     BlockSizes(16, 24).validate()
+  gemv = BlockSizes(block_n=8, cuda_cores=True)
+  x48, codes48, scales48, _ = random_weight_only(("refuse48",), 2, 16, 192, 48, 4, True)
+  with pytest.raises(NotImplementedError, match="power of two"):  # g / 8 = 6 words
+    gpu.weight_only_matmul(x48, codes48, scales48, bits=4, group_size=48,
+                           block_sizes=gemv, interpret=True)
+  with pytest.raises(NotImplementedError, match="groups_per_step"):  # 2 groups
+    gpu.weight_only_matmul(x, codes, scales, bits=4, group_size=128, interpret=True,
+                           block_sizes=BlockSizes(block_n=8, groups_per_step=4,
+                                                  cuda_cores=True))
+  x8, codes8, scales8, _ = random_weight_only(("refuse3",), 2, 16, 256, 128, 8, True)
+  with pytest.raises(NotImplementedError, match="bits=4"):
+    gpu.weight_only_matmul(x8, codes8, scales8, bits=8, group_size=128, interpret=True,
+                           block_sizes=gemv)
+  with pytest.raises(ValueError, match="groups_per_step"):
+    BlockSizes(block_n=8, groups_per_step=3, cuda_cores=True).validate()
 
 
 def test_default_block_sizes_are_valid():
@@ -364,6 +389,15 @@ LOWERING_CASES = {
     "w4a16_asym_cw16": (functools.partial(gpu.weight_only_matmul, bits=4, group_size=64,
                                           block_sizes=BlockSizes(16, 64, code_word=16)),
                         (sds((13, 1024), BF16), sds((300, 512), U8), sds((300, 16), F32),
+                         sds((300, 16), F32))),
+    "w4a16_decode_lhs": (functools.partial(gpu.weight_only_matmul, bits=4, group_size=128,
+                                           block_sizes=BlockSizes(16, 64, split_k=2,
+                                                                  weights_lhs=True)),
+                         (sds((3, 1024), BF16), sds((300, 512), I8), sds((300, 8), F32))),
+    "w4a16_gemv_asym": (functools.partial(gpu.weight_only_matmul, bits=4, group_size=64,
+                                          block_sizes=BlockSizes(block_n=128, split_k=2,
+                                                                 cuda_cores=True)),
+                        (sds((2, 1024), BF16), sds((300, 512), U8), sds((300, 16), F32),
                          sds((300, 16), F32))),
     "w8a16_large": (functools.partial(gpu.weight_only_matmul, bits=8, group_size=128),
                     (sds((1000, 1024), BF16), sds((512, 1024), I8), sds((512, 8), F32))),

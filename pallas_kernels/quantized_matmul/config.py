@@ -50,6 +50,18 @@ class BlockSizes:
       fewer instructions per code than byte loads; it needs group_size >= 64.
     join_halves: with byte loads, interleave a group's two nibble halves (in x and in
       the codes alike) into one K=group_size dot instead of two K=group_size/2 dots.
+    weights_lhs: the tensor-core kernel takes the unpacked weight tile as the dot's left
+      operand ([block_n, K] x [K, block_m]), so that on Hopper it can stay in registers
+      (wgmma reads only its right operand from shared memory) instead of being written
+      back to shared memory after the unpack.
+    cuda_cores: the decode GEMV instead of the tensor-core kernel (4-bit codes only):
+      one program multiplies all M rows of x by a block_n x (K / split_k) weight tile on
+      the CUDA cores in float32, reading the codes as 32-bit words; block_m, block_k,
+      group_m, code_word and join_halves do not apply, and block_n may be any power of
+      two.
+    groups_per_step: quantization groups per K step of the decode GEMV (a power of two
+      that divides the groups of one split); the tile of one step is block_n x
+      groups_per_step x group_size / 8 words.
   """
 
   block_m: int = 16
@@ -61,12 +73,18 @@ class BlockSizes:
   num_stages: int = 3
   code_word: int = 8
   join_halves: bool = False
+  weights_lhs: bool = False
+  cuda_cores: bool = False
+  groups_per_step: int = 1
 
   def validate(self) -> None:
     for name in ("block_m", "block_n", "block_k"):
       v = getattr(self, name)
-      if not _is_pow2(v) or v < MIN_DOT_DIM:
-        raise ValueError(f"{name}={v} must be a power of two >= {MIN_DOT_DIM}")
+      least = 1 if self.cuda_cores and name == "block_n" else MIN_DOT_DIM
+      if not _is_pow2(v) or v < least:
+        raise ValueError(f"{name}={v} must be a power of two >= {least}")
+    if not _is_pow2(self.groups_per_step):
+      raise ValueError(f"groups_per_step={self.groups_per_step} must be a power of two")
     if self.code_word not in (8, 16):
       raise ValueError(f"code_word={self.code_word} must be 8 or 16")
     if self.split_k < 1 or self.group_m < 1:
@@ -95,7 +113,9 @@ def _weight_only_default(m: int, n: int, k: int, g: int, bits: int) -> BlockSize
     # Decode: memory-bound. 64-wide tiles, 3 stages and split-K to ~8 programs per SM.
     # Measured on an H200 (bench/results/quantized_matmul.md): within noise of the best
     # of 16 tilings on every shape; 16-wide tiles were 3x slower and neither more
-    # programs nor fewer warps helped.
+    # programs nor fewer warps helped. Runs 5-6 there timed the decode alternatives
+    # (weights_lhs, the cuda_cores GEMV, one launch without split-K) at M = 1, 4, 16 on
+    # four shapes: none beat this tiling beyond noise, so it stays the default.
     tiles = -(-n // 64)
     split = _largest_divisor_at_most(n_groups, max(1, (8 * NUM_SMS) // tiles))
     return BlockSizes(block_m=16, block_n=64, split_k=split, group_m=1, num_warps=4,

@@ -16,7 +16,12 @@ Kernels:
     scale is applied to that [block_m, block_n] partial rather than to every weight
     (block_m multiplies per weight column instead of group_size). Asymmetric zero points
     fold in as `- zero * sum(x over the group)`. Decode shapes split K over programs and
-    sum their fp32 partials with atomics.
+    sum their fp32 partials with atomics. `BlockSizes.weights_lhs` makes the weight tile
+    the dot's left operand (on Hopper it then stays in registers for the wgmma).
+  * The decode GEMV (`BlockSizes.cuda_cores`, 4-bit codes): no tensor cores; codes read
+    as int32 words, each nibble unpacked to an f32 with a shift and a mask, one FMA per
+    code and row of x. Opt-in: on an H200 it is no faster than the tensor-core kernel at
+    M = 1 and slower at M = 4 (bench/results/quantized_matmul.md, runs 5-7).
   * `int8_matmul` (W8A8): int8 x int8 -> int32 on the tensor cores, per-token x
     per-channel rescale in the epilogue, bf16 out.
   * `fp8_matmul`: e4m3 x e4m3 -> fp32 on the fp8 tensor cores, rescale in the epilogue.
@@ -36,8 +41,14 @@ accumulator for int32 but not for float32, so the float kernels (W4A16 at large 
 wait for every wgmma; and the fp8 dot is emitted without `maxNumImpreciseAcc`, so Triton
 upcasts it to fp16 mma.sync. api.py routes those cases to XLA.
 
-Future work: Mosaic GPU (wgmma with register-level unpack, as tokamax's sm90 quantized
-ragged_dot) where it beats Triton on Hopper; Marlin-style pre-shuffled 4-bit layouts.
+W4A16 at M <= 16 stays at 25-35% of HBM in every Pallas-Triton variant tried (tiles,
+split-K, one launch, weights as the left operand, a CUDA-core GEMV), while XLA reads the
+same code layout at 67-99%: the loads in flight per SM, which Pallas-Triton does not let a
+kernel control, are the limit (results file, runs 5-7).
+
+Future work: Mosaic GPU (an explicit TMA / cp.async ring, wgmma with register-level
+unpack, as tokamax's sm90 quantized ragged_dot) where it beats Triton on Hopper;
+Marlin-style pre-shuffled 4-bit layouts.
 """
 
 from __future__ import annotations
@@ -172,6 +183,16 @@ def _weight_only_kernel(*refs, bits: int, g: int, m: int, n: int, bs: BlockSizes
   wmask = None if cmask is None else cmask[:, None]
   cdt = jnp.float32 if f32_math else jnp.bfloat16
   precision = lax.Precision.HIGHEST if f32_math else None
+  # With weights_lhs every tile is held transposed ([bn, bm]: weights as the dot's
+  # left operand) until the store.
+  if bs.weights_lhs:
+    dot = lambda a, w: _dot_nt(w, a, jnp.float32, precision)  # -> [bn, bm]
+    per_m = lambda v: v[None, :]
+    per_n = lambda v: v[:, None]
+  else:
+    dot = lambda a, w: _dot_nt(a, w, jnp.float32, precision)  # -> [bm, bn]
+    per_m = lambda v: v[:, None]
+    per_n = lambda v: v[None, :]
 
   def body(i, acc):
     gi = pk * groups_per_split + i
@@ -189,7 +210,7 @@ def _weight_only_kernel(*refs, bits: int, g: int, m: int, n: int, bs: BlockSizes
       for shift, start, parity in ((0, xa, 0), (4, xb, 0), (8, xa, 1), (12, xb, 1)):
         w = _word_nibble_as_bf16(words, shift, symmetric)
         xs = _load(x_ref, (pl.ds(m0, bm), pl.ds(start, q), parity), xmask)
-        d = _dot_nt(xs.astype(cdt), w.astype(cdt), jnp.float32, precision)
+        d = dot(xs.astype(cdt), w.astype(cdt))
         part = d if part is None else part + d
         if not symmetric:
           s_ = jnp.sum(xs.astype(jnp.float32), axis=1)
@@ -206,25 +227,28 @@ def _weight_only_kernel(*refs, bits: int, g: int, m: int, n: int, bs: BlockSizes
         # and a contraction does not care about the order of its channels.
         xj = jnp.stack([x_lo.astype(cdt), x_hi.astype(cdt)], axis=-1).reshape(bm, g)
         wj = jnp.stack([w_lo.astype(cdt), w_hi.astype(cdt)], axis=-1).reshape(bn, g)
-        part = _dot_nt(xj, wj, jnp.float32, precision)
+        part = dot(xj, wj)
       else:
-        part = (_dot_nt(x_lo.astype(cdt), w_lo.astype(cdt), jnp.float32, precision)
-                + _dot_nt(x_hi.astype(cdt), w_hi.astype(cdt), jnp.float32, precision))
+        part = (dot(x_lo.astype(cdt), w_lo.astype(cdt))
+                + dot(x_hi.astype(cdt), w_hi.astype(cdt)))
       xsum = None if symmetric else (
           jnp.sum(x_lo.astype(jnp.float32), axis=1)
           + jnp.sum(x_hi.astype(jnp.float32), axis=1))
     else:
       xg = _load(x_ref, (pl.ds(m0, bm), pl.ds(k0, g)), xmask)
       codes = _load(c_ref, (pl.ds(n0, bn), pl.ds(k0, g)), wmask)
-      part = _dot_nt(xg.astype(cdt), codes.astype(cdt), jnp.float32, precision)
+      part = dot(xg.astype(cdt), codes.astype(cdt))
       xsum = None if symmetric else jnp.sum(xg.astype(jnp.float32), axis=1)
     scale = _load(s_ref, (pl.ds(n0, bn), gi), cmask)
     if not symmetric:
       zero = _load(z_ref, (pl.ds(n0, bn), gi), cmask)
-      part = part - xsum[:, None] * zero[None, :]
-    return acc + part * scale[None, :]
+      part = part - per_m(xsum) * per_n(zero)
+    return acc + part * per_n(scale)
 
-  acc = lax.fori_loop(0, groups_per_split, body, jnp.zeros((bm, bn), jnp.float32))
+  tile = (bn, bm) if bs.weights_lhs else (bm, bn)
+  acc = lax.fori_loop(0, groups_per_split, body, jnp.zeros(tile, jnp.float32))
+  if bs.weights_lhs:
+    acc = acc.T
   omask = _and_masks(xmask, None if cmask is None else cmask[None, :])
   idx = (pl.ds(m0, bm), pl.ds(n0, bn))
   if bs.split_k > 1:
@@ -237,11 +261,149 @@ def _weight_only_kernel(*refs, bits: int, g: int, m: int, n: int, bs: BlockSizes
                 mask=jnp.broadcast_to(omask, acc.shape))
 
 
+def _weight_only_output(kernel, args: list, split_k: int, shape, padded, dtype):
+  """(kernel, out_shape, input_output_aliases) of a weight-only pallas_call.
+
+  With split_k > 1 the K splits sum their fp32 partials in place with atomics: a zero
+  buffer padded to whole blocks is appended to `args` and aliased to the output (rows and
+  columns past the edge only ever receive masked zero codes and are sliced off after).
+  """
+  if split_k == 1:
+    return kernel, jax.ShapeDtypeStruct(shape, dtype), {}
+  args.append(jnp.zeros(padded, jnp.float32))
+  return (lambda *refs: kernel(*refs[:-2], refs[-1]),
+          jax.ShapeDtypeStruct(padded, jnp.float32), {len(args) - 1: 0})
+
+
+# Decode GEMV (M <= 16): the CUDA cores, 32-bit code words, f32 math.
+#
+# A little-endian int32 word p of a group holds bytes 4p..4p+3, i.e. (group_halves
+# packing) the codes 4p + b in its low nibbles (bit 8b) and g/2 + 4p + b in its high
+# nibbles (bit 8b + 4), b = 0..3. x viewed as [M, K/g, 2, g/8, 4] (a free reshape) puts
+# the matching activations at [m, group, h, p, b] for the nibble at bit 8b + 4h.
+#
+# Unpack without an int->float conversion: the nibble moved to bits 19-22 (the top of the
+# f32 mantissa) and OR-ed into 1.0 is exactly v = 1 + u/16 (one shift and one LOP3 per
+# code). A signed nibble is XOR-ed with 8 on the way (u ^ 8 = code + 8), so
+#   code = 16 v - 24 (signed),   code - zero = 16 v - (16 + zero) (unsigned),
+# and a group's dot is 16 * sum(x * v) - c * sum(x): one FMA per code and row of x, the
+# constant and the scale applied once per group.
+_F32_ONE = 0x3F800000
+_F32_NIBBLE_BIT = 19
+_F32_NIBBLE_MASK = 0xF << _F32_NIBBLE_BIT
+_F32_SIGN_FLIP = 8 << _F32_NIBBLE_BIT
+
+
+def _word_nibble_as_unit_f32(words, shift: int, signed: bool):
+  """int32 words -> f32 1 + u/16 for the nibble u at bit `shift` (u ^ 8 if signed)."""
+  move = _F32_NIBBLE_BIT - shift
+  if move > 0:
+    words = lax.shift_left(words, jnp.int32(move))
+  elif move < 0:
+    words = lax.shift_right_logical(words, jnp.int32(-move))
+  bits = words & _F32_NIBBLE_MASK
+  bits = bits ^ (_F32_ONE | _F32_SIGN_FLIP) if signed else bits | _F32_ONE
+  return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _weight_only_gemv_kernel(*refs, m: int, n: int, bs: BlockSizes,
+                             groups_per_split: int, symmetric: bool):
+  # x_ref: [M, K/g, 2, g/8, 4]; c_ref: i32[N, K/g, g/8]; s_ref, z_ref: f32[N, K/g];
+  # o_ref: [M, N] (x.dtype), or f32[M, N] summed by atomics when split_k > 1.
+  if symmetric:
+    x_ref, c_ref, s_ref, o_ref = refs
+    z_ref = None
+  else:
+    x_ref, c_ref, s_ref, z_ref, o_ref = refs
+  bn, gs = bs.block_n, bs.groups_per_step
+  n0 = pl.multiple_of(pl.program_id(0) * bn, bn)
+  pk = pl.program_id(1)
+  nmask = (n0 + lax.broadcasted_iota(jnp.int32, (bn,), 0) < n) if n % bn else None
+  gmask = None if nmask is None else nmask[:, None]  # [bn, 1]
+  wmask = None if nmask is None else nmask[:, None, None]  # [bn, 1, 1]
+
+  def step(i, accs):
+    g0 = pl.multiple_of(pk * groups_per_split + i * gs, gs)
+    words = _load(c_ref, (pl.ds(n0, bn), pl.ds(g0, gs), slice(None)), wmask)  # [bn,gs,w]
+    dots = [None] * m  # per row of x: sum over the 8 nibbles of x * v, [bn, gs, w]
+    xsums = [None] * m  # per row of x: the same x summed, [gs, w]
+    for h in range(2):
+      for b in range(4):
+        v = _word_nibble_as_unit_f32(words, 8 * b + 4 * h, symmetric)
+        for r in range(m):
+          xv = x_ref[r, pl.ds(g0, gs), h, :, b].astype(jnp.float32)  # [gs, w]
+          prod = xv[None] * v
+          dots[r] = prod if dots[r] is None else dots[r] + prod
+          xsums[r] = xv if xsums[r] is None else xsums[r] + xv
+    scale = _load(s_ref, (pl.ds(n0, bn), pl.ds(g0, gs)), gmask)  # [bn, gs]
+    if symmetric:
+      bias = 24.0
+    else:
+      bias = 16.0 + _load(z_ref, (pl.ds(n0, bn), pl.ds(g0, gs)), gmask)
+    new = []
+    for r in range(m):
+      group_dot = 16.0 * jnp.sum(dots[r], axis=2) - bias * jnp.sum(xsums[r], axis=1)[None]
+      new.append(accs[r] + jnp.sum(group_dot * scale, axis=1))
+    return tuple(new)
+
+  accs = lax.fori_loop(0, groups_per_split // gs, step,
+                       tuple(jnp.zeros((bn,), jnp.float32) for _ in range(m)))
+  for r in range(m):
+    idx = (jnp.int32(r), pl.ds(n0, bn))  # a traced row index (the interpreter wants one)
+    if bs.split_k > 1:  # the f32 output is padded to whole blocks (no mask)
+      plgpu.atomic_add(o_ref, idx, accs[r])
+    elif nmask is None:
+      o_ref[idx] = accs[r].astype(o_ref.dtype)
+    else:
+      plgpu.store(o_ref.at[idx], accs[r].astype(o_ref.dtype), mask=nmask)
+
+
+def _weight_only_gemv(x, codes, scales, zeros, *, group_size: int, bs: BlockSizes,
+                      interpret: bool):
+  """The decode GEMV (`BlockSizes.cuda_cores`); one launch unless split_k > 1."""
+  m, k = x.shape
+  n = codes.shape[0]
+  g = group_size
+  symmetric = zeros is None
+  kernel = functools.partial(_weight_only_gemv_kernel, m=m, n=n, bs=bs,
+                             groups_per_split=k // g // bs.split_k, symmetric=symmetric)
+  # Free reinterpretations: bytes as little-endian int32 words, grouped; x split so that
+  # the activations of one nibble position are a plain slice.
+  words = lax.bitcast_convert_type(codes.reshape(n, k // 8, 4), jnp.int32)
+  args = [x.reshape(m, k // g, 2, g // 8, 4), words.reshape(n, k // g, g // 8), scales]
+  args += [] if symmetric else [zeros]
+  kernel_fn, out_shape, aliases = _weight_only_output(
+      kernel, args, bs.split_k, (m, n), (m, pl.cdiv(n, bs.block_n) * bs.block_n), x.dtype)
+  out = pl.pallas_call(
+      kernel_fn,
+      out_shape=out_shape,
+      grid=(pl.cdiv(n, bs.block_n), bs.split_k),
+      input_output_aliases=aliases,
+      compiler_params=_compiler_params(bs),
+      interpret=interpret,
+      name=f"w4a16_gemv_g{g}_{'sym' if symmetric else 'asym'}",
+  )(*args)
+  return out[:, :n].astype(x.dtype)
+
+
 def check_weight_only(x, codes, scales, zeros, *, bits: int, group_size: int,
                       block_sizes: BlockSizes) -> None:
   """Raises NotImplementedError for cases this kernel does not serve (STYLE.md 3)."""
   if x.dtype not in (jnp.bfloat16, jnp.float32):
     raise NotImplementedError(f"pallas_gpu weight_only_matmul: {x.dtype=} not bf16/f32")
+  n_groups = x.shape[1] // group_size
+  if block_sizes.cuda_cores:
+    words = group_size // 8
+    if bits != 4 or group_size % 8 or words & (words - 1):
+      raise NotImplementedError(
+          f"pallas_gpu weight_only_matmul (cuda_cores): needs bits=4 and group_size / 8 "
+          f"a power of two, got {bits=} {group_size=}")
+    if n_groups % (block_sizes.split_k * block_sizes.groups_per_step):
+      raise NotImplementedError(
+          f"pallas_gpu weight_only_matmul (cuda_cores): split_k={block_sizes.split_k} x "
+          f"groups_per_step={block_sizes.groups_per_step} does not divide the "
+          f"{n_groups} groups")
+    return
   step = group_size // 2 if bits == 4 else group_size
   if bits == 4 and block_sizes.code_word == 16:
     step = group_size // 4
@@ -249,7 +411,6 @@ def check_weight_only(x, codes, scales, zeros, *, bits: int, group_size: int,
     raise NotImplementedError(
         f"pallas_gpu weight_only_matmul: {group_size=} with {bits=} gives a K step of "
         f"{step}; Triton needs a power of two >= 16")
-  n_groups = x.shape[1] // group_size
   if n_groups % block_sizes.split_k:
     raise NotImplementedError(
         f"pallas_gpu weight_only_matmul: split_k={block_sizes.split_k} does not divide "
@@ -272,6 +433,9 @@ def weight_only_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array,
   bs.validate()
   check_weight_only(x, codes, scales, zeros, bits=bits, group_size=group_size,
                     block_sizes=bs)
+  if bs.cuda_cores:
+    return _weight_only_gemv(x, codes, scales, zeros, group_size=group_size, bs=bs,
+                             interpret=interpret)
   symmetric = zeros is None
   n_groups = k // group_size
   tiles = pl.cdiv(m, bs.block_m) * pl.cdiv(n, bs.block_n)
@@ -285,19 +449,9 @@ def weight_only_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array,
     codes = lax.bitcast_convert_type(codes.reshape(n, -1, 2), jnp.int16)
     x = x.reshape(m, k // 2, 2)
   args = [x, codes, scales] + ([] if symmetric else [zeros])
-  if bs.split_k > 1:
-    # fp32 partials of the K splits are summed in place by atomics: start from zeros,
-    # padded to whole blocks (rows and columns past the edge get exact zeros, since
-    # their loads are masked to zero, and are sliced off below).
-    padded = (pl.cdiv(m, bs.block_m) * bs.block_m, pl.cdiv(n, bs.block_n) * bs.block_n)
-    args.append(jnp.zeros(padded, jnp.float32))
-    out_shape = jax.ShapeDtypeStruct(padded, jnp.float32)
-    aliases = {len(args) - 1: 0}
-    kernel_fn = lambda *refs: kernel(*refs[:-2], refs[-1])
-  else:
-    out_shape = jax.ShapeDtypeStruct((m, n), x.dtype)
-    aliases = {}
-    kernel_fn = kernel
+  padded = (pl.cdiv(m, bs.block_m) * bs.block_m, pl.cdiv(n, bs.block_n) * bs.block_n)
+  kernel_fn, out_shape, aliases = _weight_only_output(kernel, args, bs.split_k, (m, n),
+                                                      padded, x.dtype)
   out = pl.pallas_call(
       kernel_fn,
       out_shape=out_shape,
