@@ -5,7 +5,7 @@ In one process on one GPU (METHOD.md):
   2. correctness of `pallas_kernels.decode_attention.gpu` against `reference.py` on fresh
      random inputs (ragged lengths incl. 0, shuffled pages, bits None / 8 / 4, with and
      without RoPE, softcap + window once), and of JAX's own paged attention (bf16);
-  3. speed: GQA 32 query / 8 kv heads, head dim 128, page 16, every sequence at the full
+  3. speed: GQA 32 query / 8 kv heads, head dim 128, page 16 (kv4: 32), every sequence at the full
      context, contexts {1k .. 128k} x batch {1, 8, 32, 64} (cases whose bf16 cache is over
      --max-cache-gb are skipped), in a priority order so that a run cut by --budget-s still
      covers the grid coarsely. Implementations:
@@ -17,7 +17,11 @@ In one process on one GPU (METHOD.md):
        jax_paged_bf16/int8 jax.experimental.pallas.ops.gpu.paged_attention (int8 with its
                            k/v_scales_pages);
        ours_bf16/int8/int4 pallas_kernels.decode_attention.gpu, and *_rope with RoPE on
-                           pre-RoPE keys.
+                           pre-RoPE keys;
+       ours_kv4            the same kernel on the library's kv4 layout (KIVI): int4 keys
+                           with per-channel grids over groups of KEY_GROUP tokens
+                           (key_group=, page CHANNEL_PAGE), per-token int4 values, with
+                           return_lse=True as lowbit.attention calls it.
      Each sample is one jitted call that runs the op over R rotating buffer sets (each set
      its own cache; R sized so a call reads >= CALL_BYTES, far above L2), INNER calls
      queued per sample, median of --iters samples after warm-up.
@@ -59,12 +63,17 @@ from pallas_kernels.decode_attention.config import BlockSizes
 
 BENCH = "decode_attention"
 N_HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
+# kv4 (lowbit.kv_cache.KV_FORMATS["kv4"]): keys quantized per channel over groups of 32
+# tokens; its pages must hold whole groups.
+KEY_GROUP, CHANNEL_PAGE = 32, 32
 CONTEXTS = (1024, 4096, 8192, 16384, 32768, 65536, 131072)
 BATCHES = (1, 8, 32, 64)
 IMPLS = ("xla_bf16", "jax_dpa", "jax_paged_bf16", "jax_paged_int8", "ours_bf16", "ours_int8",
-         "ours_int4", "ours_bf16_rope", "ours_int8_rope", "ours_int4_rope")
+         "ours_int4", "ours_kv4", "ours_bf16_rope", "ours_int8_rope", "ours_int4_rope")
 # Cases after the first FULL_CASES of the priority order run only these (time budget).
-CORE_IMPLS = ("xla_bf16", "jax_paged_bf16", "ours_bf16", "ours_int8", "ours_int4")
+CORE_IMPLS = ("xla_bf16", "jax_paged_bf16", "ours_bf16", "ours_int8", "ours_int4", "ours_kv4")
+# Code width of each kind of paged set.
+KIND_BITS = {"bf16": None, "int8": 8, "int4": 4, "kv4": 4}
 FULL_CASES = 8
 # A call reads at least this much (L2 is 50 MB on H100, 60 MB on H200), and at most
 # MAX_SETS buffer sets are rotated (each a separate cache; compile time grows with it).
@@ -100,17 +109,24 @@ def rand_q(b, i):
       jnp.bfloat16)
 
 
-def rand_scales(num_pages, i, tag, lo, hi):
-  return jax.random.uniform(_key("s", tag, num_pages, i), (KV_HEADS, num_pages, PAGE),
+def rand_scales(num_pages, i, tag, lo, hi, grid=(PAGE,)):
+  """f32 [K, P, *grid] uniform in [lo, hi): per-token grids [page] by default."""
+  return jax.random.uniform(_key("s", tag, num_pages, i), (KV_HEADS, num_pages, *grid),
                             jnp.float32, lo, hi)
+
+
+def page_of(name):
+  """Page size of a kind of paged set or of an implementation's label."""
+  return CHANNEL_PAGE if "kv4" in name else PAGE
 
 
 def paged_set(kind, b, ctx, i):
   """(q, k_pages, v_pages, lengths, page_table, kwargs) of one buffer set."""
-  pps = ctx // PAGE
+  page = page_of(kind)
+  pps = ctx // page
   num_pages = b * pps
-  hc = HEAD_DIM // 2 if kind == "int4" else HEAD_DIM
-  shape = (KV_HEADS, num_pages, PAGE, hc)
+  hc = HEAD_DIM // 2 if KIND_BITS.get(kind) == 4 else HEAD_DIM
+  shape = (KV_HEADS, num_pages, page, hc)
   rk = "bf16" if kind == "bf16" else ("i8" if kind == "i8sym" else "u8")
   kp = _rand_heads(_key("k", kind, b, ctx, i), shape=shape, kind=rk)
   vp = _rand_heads(_key("v", kind, b, ctx, i), shape=shape, kind=rk)
@@ -118,12 +134,14 @@ def paged_set(kind, b, ctx, i):
   table = table.reshape(b, pps)
   lengths = jnp.full((b,), ctx, jnp.int32)
   kw = {}
-  if kind in ("int8", "int4"):
+  if kind in ("int8", "int4", "kv4"):
     qmax = 255.0 if kind == "int8" else 15.0
-    kw = dict(k_scales=rand_scales(num_pages, i, "ks", 2.0, 3.0) / qmax,
-              k_offsets=rand_scales(num_pages, i, "ko", -1.6, -1.2),
-              v_scales=rand_scales(num_pages, i, "vs", 2.0, 3.0) / qmax,
-              v_offsets=rand_scales(num_pages, i, "vo", -1.6, -1.2))
+    # kv4: one key grid per channel and group of KEY_GROUP tokens
+    key_grid = (page // KEY_GROUP, HEAD_DIM) if kind == "kv4" else (page,)
+    kw = dict(k_scales=rand_scales(num_pages, i, "ks", 2.0, 3.0, key_grid) / qmax,
+              k_offsets=rand_scales(num_pages, i, "ko", -1.6, -1.2, key_grid),
+              v_scales=rand_scales(num_pages, i, "vs", 2.0, 3.0, (page,)) / qmax,
+              v_offsets=rand_scales(num_pages, i, "vo", -1.6, -1.2, (page,)))
   elif kind == "i8sym":
     kw = dict(k_scales_pages=rand_scales(num_pages, i, "ks", 0.01, 0.02),
               v_scales_pages=rand_scales(num_pages, i, "vs", 0.01, 0.02))
@@ -176,9 +194,11 @@ def jax_paged(q, kp, vp, lengths, table, k_scales_pages=None, v_scales_pages=Non
                              interpret=INTERPRET)
 
 
-def ours(q, kp, vp, lengths, table, *, bits, rope, **kw):
+def ours(q, kp, vp, lengths, table, *, bits, rope, key_group=None, **kw):
+  """Our kernel; per-channel keys (kv4) with the lse, as lowbit.attention calls it."""
   return gpu.decode_attention(q, kp, vp, lengths, table, bits=bits, scale=HEAD_DIM ** -0.5,
                               rope_inv_freq=inv_freq() if rope else None,
+                              key_group=key_group, return_lse=key_group is not None,
                               interpret=INTERPRET, **kw)
 
 
@@ -197,6 +217,9 @@ def live_bytes(impl, b, ctx):
   """Bytes an implementation must read: codes (+ scales, offsets) of the live tokens + q."""
   tokens = b * ctx * KV_HEADS
   q = b * N_HEADS * HEAD_DIM * 2
+  if impl.startswith("ours_kv4"):
+    # K and V nibbles, 2 f32 per token (values), 2 f32 per channel and KEY_GROUP tokens
+    return tokens * HEAD_DIM + tokens * 8 + tokens * HEAD_DIM * 8 // KEY_GROUP + q
   if "int4" in impl:
     return tokens * HEAD_DIM + tokens * 16 + q  # K and V nibbles, 4 f32 per token
   if impl == "jax_paged_int8":
@@ -242,9 +265,10 @@ class Bench:
   def check(self):
     b, ctx = 4, (64 if INTERPRET else 1024) + 37
     lengths = jnp.array([0, 1, 17, ctx], jnp.int32)
-    pps = -(-ctx // PAGE)
-    for kind, bits in (("bf16", None), ("int8", 8), ("int4", 4)):
-      q, kp, vp, _, _, kw = paged_set(kind, b, pps * PAGE, 99)
+    for kind, bits in KIND_BITS.items():
+      page = page_of(kind)
+      pps = -(-ctx // page)
+      q, kp, vp, _, _, kw = paged_set(kind, b, pps * page, 99)
       table = jax.random.permutation(_key("ct", kind), b * pps).astype(jnp.int32)
       table = table.reshape(b, pps)
       for rope, extra in ((False, {}), (True, {}),
@@ -253,11 +277,21 @@ class Bench:
         def run():
           fkw = dict(bits=bits, scale=HEAD_DIM ** -0.5,
                      rope_inv_freq=inv_freq() if rope else None, **kw, **extra)
+          if kind == "kv4":  # with the lse, as lowbit.attention asks for it
+            fkw.update(key_group=KEY_GROUP, return_lse=True)
           got = gpu.decode_attention(q, kp, vp, lengths, table, interpret=INTERPRET, **fkw)
           want = reference.decode_attention(q, kp, vp, lengths, table, **fkw)
+          if kind == "kv4":
+            lse_err = float(jnp.max(jnp.abs(got[1][1:] - want[1][1:])))
+            (got, lse_got), want = got, want[0]
+            ok_lse = lse_err <= 1e-2 and bool(jnp.all(lse_got[0] == -jnp.inf))
+            label_lse = f" lse_err={lse_err:.1e}"
+          else:
+            ok_lse, label_lse = True, ""
           err = rel_err(got, want)
-          ok = err <= 1.5e-2 and bool(jnp.all(got[0] == 0))
-          print(f"check {label:36s} rel_err={err:.2e} {'ok' if ok else 'FAIL'}", flush=True)
+          ok = err <= 1.5e-2 and bool(jnp.all(got[0] == 0)) and ok_lse
+          print(f"check {label:36s} rel_err={err:.2e}{label_lse} {'ok' if ok else 'FAIL'}",
+                flush=True)
           if not ok:
             self.failures.append(f"check {label} rel_err={err:.2e}")
         self.guarded(label, run)
@@ -288,7 +322,7 @@ class Bench:
       frac = nbytes / (ms * 1e-3) / self.bw
       row = self.writer.add(
           case={"batch": b, "context": ctx, "n_heads": N_HEADS, "kv_heads": KV_HEADS,
-                "head_dim": HEAD_DIM, "page_size": PAGE},
+                "head_dim": HEAD_DIM, "page_size": page_of(impl)},
           impl=impl, baseline_impl="xla_bf16", median_ms=ms, baseline_median_ms=base_ms,
           fraction_of_ceiling=frac, ceiling=f"HBM read {self.bw / 1e12:.2f} TB/s (measured)",
           bytes_read=nbytes, effective_bytes_per_s=nbytes / (ms * 1e-3), spread=spr,
@@ -327,11 +361,12 @@ class Bench:
           record(impl, *res, base_ms)
         continue
       kind = impl.split("_")[1]
-      bits = {"bf16": None, "int8": 8, "int4": 4}[kind]
+      bits = KIND_BITS[kind]
       rope = impl.endswith("rope")
       for bs in (block_sizes or (None,)):
-        def op(q, kp, vp, lengths, table, kw, bits=bits, rope=rope, bs=bs):
-          return ours(q, kp, vp, lengths, table, bits=bits, rope=rope, block_sizes=bs, **kw)
+        def op(q, kp, vp, lengths, table, kw, bits=bits, rope=rope, bs=bs, kind=kind):
+          return ours(q, kp, vp, lengths, table, bits=bits, rope=rope, block_sizes=bs,
+                      key_group=KEY_GROUP if kind == "kv4" else None, **kw)
         label = impl if bs is None else (
             f"{impl}[ppb={bs.pages_per_block},splits={bs.num_splits},w={bs.num_warps}]")
         res = self.guarded(f"{label} B={b} ctx={ctx}", lambda: measure(
@@ -345,7 +380,8 @@ class Bench:
     impls = [i for i in IMPLS if i in seen]
     impls += sorted(set(seen) - set(impls))
     lines = [f"# Paged decode attention on {self.writer.card} (jax {jax.__version__})", "",
-             f"GQA {N_HEADS}/{KV_HEADS} heads, head dim {HEAD_DIM}, page {PAGE}, every "
+             f"GQA {N_HEADS}/{KV_HEADS} heads, head dim {HEAD_DIM}, page {PAGE} (kv4: "
+             f"{CHANNEL_PAGE}, keys per channel over {KEY_GROUP} tokens), every "
              f"sequence at the full context. HBM read ceiling {self.bw / 1e12:.2f} TB/s "
              f"(measured). Cell: median us / fraction of the read ceiling (bytes: codes + "
              f"scales of the live tokens + q) / speed-up vs xla_bf16. Run took "

@@ -10,8 +10,9 @@ cache bytes. In one process on one GPU:
      quantized: random codes with random positive scales and offsets, as a prefill would
      leave it; never zeros), then `steps` decode steps in the compiled loop
      `models.generate._decode_loop`, which runs `lowbit.attention.paged_decode_attention`
-     (the Pallas decode kernel) for per-token quantized caches and XLA's einsum over the
-     dense cache;
+     (the Pallas decode kernel) for quantized caches (kv4's per-channel keys: the kernel
+     over the complete key groups, merged with the float window of the newest tokens) and
+     XLA's einsum or cuDNN over the dense cache; each row names its path (`decode_path`);
   4. the roofline per step: weight bytes + the live cache bytes (codes and grids) / the
      measured copy bandwidth; tokens/s and the fraction of that roofline.
 
@@ -155,6 +156,8 @@ class Bench:
                                            a.steps, sampling).compile()
     compile_s = time.perf_counter() - start
     box = {"cache": cache}
+    path = ("paged_decode_attention" if cache[0].paged else
+            "dense_decode_attention" if cache[0].exact else "read + gqa_attention")
 
     def call():
       tokens, box["cache"] = compiled(state, token, box["cache"], position, key)
@@ -169,12 +172,14 @@ class Bench:
         case={"phase": "decode", "kv_cache": fmt_name, "batch": batch, "context": a.context,
               "steps_per_call": a.steps},
         impl=f"models.generate._decode_loop, {fmt_name} cache", baseline_impl="roofline",
+        decode_path=path,
         median_ms=ms_step, baseline_median_ms=roof_ms, fraction_of_ceiling=roof_ms / ms_step,
         ceiling=f"HBM {self.bandwidth / 1e12:.2f} TB/s measured copy", tokens_per_s=tok_s,
         weight_bytes_per_step=weights, kv_bytes_per_step=kv_bytes,
         compile_s=round(compile_s, 1), spread=common.spread(samples),
         call_ms=[round(s, 2) for s in samples])
-    self.log(f"{fmt_name} b={batch} ctx={a.context}: {ms_step:.3f} ms/step, {tok_s:.1f} tok/s, "
+    self.log(f"{fmt_name} b={batch} ctx={a.context} ({path}): {ms_step:.3f} ms/step, "
+             f"{tok_s:.1f} tok/s, "
              f"roofline {roof_ms:.3f} ms ({roof_ms / ms_step:.1%}), KV {kv_bytes / 1e9:.2f} GB, "
              f"compile {compile_s:.0f}s")
     self.table.append((fmt_name, batch, f"{tok_s:.1f}", f"{ms_step:.3f}", f"{roof_ms:.3f}",
@@ -190,8 +195,8 @@ def main(argv=None):
   p.add_argument("--budget-s", type=float, default=480.0)
   p.add_argument("--memory-gb", type=float, default=None,
                  help="device memory to plan against (default: the device's)")
-  p.add_argument("--cases", default="dense:1,kv8:1,kv4-token:1,kv4-atom:1,dense:8,kv8:32,"
-                                    "kv4-token:32,dense:32",
+  p.add_argument("--cases", default="dense:1,kv8:1,kv4-token:1,kv4:1,kv4-atom:1,dense:8,"
+                                    "kv8:32,kv4-token:32,kv4:32,dense:32",
                  help="format:batch pairs, in order")
   args = p.parse_args(argv)
   args.cases = [(f, int(b)) for f, b in (c.split(":") for c in args.cases.split(","))]

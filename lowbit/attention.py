@@ -13,7 +13,9 @@ Dispatch (measured on an H200, bench/results/kv_attention.md):
     once the cache holds at least DENSE_DECODE_CUDNN_MIN_TOKENS slots over the batch:
     XLA's einsum reads the cache at ~30% of HBM bandwidth there, cuDNN at 78-100%
     (2.8-3.4x); on short caches XLA is faster (batch 1 at 4k: 17 us against 31 us).
-  * quantized caches with per-token grids decode through `paged_decode_attention`.
+  * quantized caches (8 and 4 bits: per-token grids, and KIVI's per-channel keys with the
+    float window merged by log-sum-exp) decode through `paged_decode_attention`; 2-bit
+    caches read back to float.
 Everywhere else, for logit softcaps (which cuDNN does not take) and for sliding-window
 decode, the reference runs.
 """
@@ -118,19 +120,51 @@ def paged_decode_attention(q: jax.Array, cache, length, *, scale: float,
                            sliding_window: int | None = None,
                            logit_softcap: float | None = None,
                            rope_inv_freq=None) -> jax.Array:
-  """One new token per sequence over a quantized cache with per-token grids (after the
-  token's own write): q [B, 1, N, H] -> [B, 1, N, H].
+  """One new token per sequence over a quantized cache (after the token's own write):
+  q [B, 1, N, H] -> [B, 1, N, H].
 
   Runs `pallas_kernels.decode_attention` (the Pallas kernel on GPU/TPU, its XLA reference
   elsewhere), which reads the packed codes and dequantizes in the kernel instead of
   materializing a float copy of the cache. `length`: tokens in the cache (the new token's
   position + 1), the same for every sequence. `rope_inv_freq` [H/2]: the cache holds keys
   before RoPE (Atom) and the kernel rotates them at their positions.
+
+  Per-channel keys (KIVI): the pages hold codes for the complete key groups only. The
+  kernel attends to those (its sliding window placed at the query's position) and returns
+  its log-sum-exp; the newest tokens (float window keys, per-token values) go through the
+  XLA reference as float pages of their own, and the two softmaxes are merged exactly:
+  softmax over the union = each part's output weighted by exp(its lse - the union's lse).
   """
+  from pallas_kernels.decode_attention.reference import rope_rotate
+  b = q.shape[0]
   pages = cache.pages()
-  lengths = jnp.full((q.shape[0],), length, jnp.int32)
-  out = decode_attention_api.decode_attention(
-      q[:, 0], pages.pop("k_pages"), pages.pop("v_pages"), lengths, pages.pop("page_table"),
-      **pages, scale=scale, logit_softcap=logit_softcap, sliding_window=sliding_window,
-      rope_inv_freq=None if rope_inv_freq is None else jnp.asarray(rope_inv_freq))
-  return out[:, None]
+  k_pages, v_pages, table = (pages.pop(name) for name in ("k_pages", "v_pages", "page_table"))
+  inv_freq = None if rope_inv_freq is None else jnp.asarray(rope_inv_freq, jnp.float32)
+  per_sequence = lambda x: jnp.full((b,), x, jnp.int32)
+  attend = dict(scale=scale, logit_softcap=logit_softcap, sliding_window=sliding_window)
+  if not cache.key_group:
+    out = decode_attention_api.decode_attention(
+        q[:, 0], k_pages, v_pages, per_sequence(length), table, **pages, **attend,
+        rope_inv_freq=inv_freq)
+    return out[:, None]
+  complete = cache.complete_length(length)
+  query = per_sequence(length - 1)
+  out_pages, lse_pages = decode_attention_api.decode_attention(
+      q[:, 0], k_pages, v_pages, per_sequence(complete), table, **pages, **attend,
+      rope_inv_freq=inv_freq, return_lse=True, query_positions=query)
+  # The window: slot i holds position complete + i; keys rotated here when stored before
+  # RoPE (the reference would rotate them at their in-page slot).
+  k_window, v_window = cache.window(length)  # f32 [K, B, G, H]
+  if inv_freq is not None:
+    k_window = rope_rotate(
+        k_window, complete + jnp.arange(cache.key_group), inv_freq)
+  out_window, lse_window = decode_attention_api.decode_attention(
+      q[:, 0], k_window, v_window, per_sequence(length - complete),
+      jnp.arange(b, dtype=jnp.int32)[:, None], **attend, return_lse=True,
+      query_positions=query - complete, implementation="xla")
+  lse = jnp.logaddexp(lse_pages, lse_window)  # [B, N]
+  lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # no visible key at all: both weights 0
+  weight = lambda part_lse: jnp.exp(part_lse - lse)[..., None]
+  out = out_pages * weight(lse_pages) + out_window * weight(lse_window)
+  return out.astype(q.dtype)[:, None]
+

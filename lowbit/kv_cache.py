@@ -32,11 +32,16 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.decode_attention import reference as decode_attention_reference
+
 KeyGranularity = Literal["token", "channel"]
 
 # Quantized per-token caches have a multiple of this many slots, so their paged view
 # (`QuantizedKVCache.pages`) has pages of at least 16 tokens.
 PAGE_ALIGN = 16
+# Page sizes of the paged view, largest first: powers of two (the GPU kernel's Triton
+# blocks); 64 keeps the page-table gather short without padding small caches.
+PAGE_SIZES = (64, 32, 16, 8, 4, 2, 1)
 
 
 @jax.tree_util.register_dataclass
@@ -156,27 +161,68 @@ class QuantizedKVCache:
     return self.v_codes.shape[2]
 
   @property
+  def page_size(self) -> int | None:
+    """Slots per page of the paged view: the largest power of two up to 64 that divides
+    the slots (and is a multiple of `key_group` for per-channel keys, whose grids must not
+    straddle pages); None where there is none."""
+    slots = self.v_scales.shape[2]
+    return next((p for p in PAGE_SIZES if slots % p == 0 and p % max(self.key_group, 1) == 0),
+                None)
+
+  @property
   def paged(self) -> bool:
-    """Whether `pages` serves the paged decode kernel (per-token keys only)."""
-    return not self.key_group
+    """Whether `pages` serves the paged decode kernel: 8 or 4 bits (the kernel's widths)
+    and a page size (per-channel keys: a power-of-two key_group up to 64)."""
+    return self.bits in decode_attention_reference.BITS and self.page_size is not None
 
   def pages(self) -> dict:
     """The cache as the paged layout of `pallas_kernels.decode_attention` (no copy): pages
     of `page_size` slots, sequence b owning pages b * S / page_size onwards.
 
-    -> dict(k_pages, v_pages [K, P, page, H'], k/v_scales, k/v_offsets [K, P, page],
-    page_table int32 [B, S / page], bits).
+    -> dict(k_pages, v_pages [K, P, page, H'], v_scales, v_offsets [K, P, page],
+    k_scales, k_offsets ([K, P, page] per token; [K, P, page / key_group, H] per channel),
+    page_table int32 [B, S / page], bits, key_group (None per token)).
+
+    Per-channel keys: the pages hold codes for the complete groups only (slots below
+    `complete_length`); the newest tokens are in `window`.
     """
     if not self.paged:
-      raise ValueError("per-channel keys have no paged layout")
+      raise ValueError(f"a {self.bits}-bit cache with key_group={self.key_group} and "
+                       f"{self.v_scales.shape[2]} slots has no paged layout")
     kv_heads, batch, slots = self.v_scales.shape
-    page = next(p for p in (64, 32, 16, 8, 4, 2, 1) if slots % p == 0)
-    to_pages = lambda x: x.reshape(kv_heads, batch * slots // page, page, *x.shape[3:])
-    table = jnp.arange(batch * slots // page, dtype=jnp.int32).reshape(batch, slots // page)
+    page = self.page_size
+    num_pages = batch * slots // page
+    to_pages = lambda x: x.reshape(kv_heads, num_pages, page, *x.shape[3:])
+    if self.key_group:  # [K, B, S / G, H] -> [K, P, page / G, H]
+      key_grid = lambda x: x.reshape(kv_heads, num_pages, page // self.key_group, -1)
+    else:
+      key_grid = to_pages
+    table = jnp.arange(num_pages, dtype=jnp.int32).reshape(batch, slots // page)
     return dict(k_pages=to_pages(self.k_codes), v_pages=to_pages(self.v_codes),
-                k_scales=to_pages(self.k_scales), k_offsets=to_pages(self.k_offsets),
+                k_scales=key_grid(self.k_scales), k_offsets=key_grid(self.k_offsets),
                 v_scales=to_pages(self.v_scales), v_offsets=to_pages(self.v_offsets),
-                page_table=table, bits=self.bits)
+                page_table=table, bits=self.bits, key_group=self.key_group or None)
+
+  def complete_length(self, length):
+    """Tokens of the first `length` whose keys are codes: all of them per token; per
+    channel, the complete groups (length // key_group * key_group)."""
+    if not self.key_group:
+      return length
+    return length // self.key_group * self.key_group
+
+  def window(self, length) -> tuple[jax.Array, jax.Array]:
+    """The per-channel keys' float window and its values as float pages, page b for
+    sequence b: (k, v) f32 [K, B, key_group, H], slot i the token at position
+    complete_length(length) + i; slots at or past `length` are stale (mask them)."""
+    if not self.key_group:
+      raise ValueError("per-token keys have no float window")
+    start = self.complete_length(length)
+    slots = lambda x: jax.lax.dynamic_slice_in_dim(x, start, self.key_group, axis=2)
+    # A cache filled to its last slot has an empty window: the slice is clamped in bounds
+    # and every slot is masked.
+    v = (unpack_codes(slots(self.v_codes), self.bits) * slots(self.v_scales)[..., None]
+         + slots(self.v_offsets)[..., None])
+    return self.k_window.astype(jnp.float32), v
 
   @property
   def nbytes(self) -> int:

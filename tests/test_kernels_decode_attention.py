@@ -11,7 +11,9 @@ Oracles (STYLE.md 13, anti-pattern 1):
 Inputs are adversarial (STYLE.md 17): lengths 0, 1, page-1, page+1 and a long one in one
 batch, a shuffled page table whose entries past each sequence's end are garbage (-1, past
 the pool), every page the table does not reach and every slot past a length poisoned
-with NaN (float pages) or NaN scales and offsets (quantized pages).
+with NaN (float pages) or NaN scales and offsets (quantized pages). Per-channel keys
+(key_group G) add lengths G-1 and G+1; their key grids are poisoned for every group that
+holds no visible token. `return_lse` is checked against the walk's own log-sum-exp.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ from pallas_kernels.decode_attention.config import BlockSizes, TpuBlockSizes, sp
 # p * f); bf16 q: the dots take bf16 (float pages) or float16 (codes) operands, and the
 # output is rounded to bf16 (2^-9 relative); seen: 7e-4 .. 1.2e-3.
 KERNEL_BUDGET = {jnp.float32: 2e-5, jnp.bfloat16: 5e-3}
+# Absolute error of a log-sum-exp (return_lse) against the float64 walk, by q dtype: f32
+# accumulates scores in f32 (~1e-6 seen); bf16 q: the kernels' float16 dot operands put
+# ~1e-3 relative error on each score (4e-4 seen on scores of ~3), the TPU kernel's bf16
+# operands 2^-9 (2e-3 seen).
+LSE_BUDGET = {jnp.float32: 2e-5, jnp.bfloat16: 5e-3}
 # The reference (float32) vs the float64 numpy walk.
 REFERENCE_BUDGET = 2e-6
 NAN = float("nan")
@@ -63,7 +70,8 @@ def inv_freq(h, base=10000.0):
 # Inputs
 
 
-def make_case(params, *, bits, b_heads, h, lengths, dtype, page=PAGE, rope=False):
+def make_case(params, *, bits, b_heads, h, lengths, dtype, page=PAGE, rope=False,
+              key_group=None):
   """Random pages, shuffled table with garbage tails, NaN poison; returns (args, kwargs)."""
   n, kh = b_heads
   lengths = np.asarray(lengths, np.int32)
@@ -89,6 +97,10 @@ def make_case(params, *, bits, b_heads, h, lengths, dtype, page=PAGE, rope=False
     # Keys and values spread over about [-1.6, 1.8].
     sc = {"k_scales": u(2.0, 3.0) / qmax, "k_offsets": u(-1.6, -1.2),
           "v_scales": u(2.0, 3.0) / qmax, "v_offsets": u(-1.6, -1.2)}
+    if key_group is not None:  # one grid per channel and group of key_group tokens
+      grid = (kh, num_pages, page // key_group, h)
+      sc["k_scales"] = rng.uniform(2.0, 3.0, grid).astype(np.float32) / qmax
+      sc["k_offsets"] = rng.uniform(-1.6, -1.2, grid).astype(np.float32)
   # Shuffled table; garbage past each sequence's live pages (-1 and past the pool).
   perm = rng.permutation(num_pages)
   table = np.full((b, pps), -1, np.int32)
@@ -110,11 +122,17 @@ def make_case(params, *, bits, b_heads, h, lengths, dtype, page=PAGE, rope=False
     vp[:, poison_slots] = NAN
     kp, vp = jnp.asarray(kp, dtype), jnp.asarray(vp, dtype)
   else:
-    for name in sc:
+    for name in ("v_scales", "v_offsets") if key_group else sc:
       sc[name][:, poison_slots] = NAN
+    if key_group:  # a key grid is shared by its group: poison the groups with no live slot
+      dead_groups = poison_slots.reshape(num_pages, page // key_group, key_group).all(-1)
+      for name in ("k_scales", "k_offsets"):
+        sc[name][:, dead_groups] = NAN
     kp, vp = jnp.asarray(kp), jnp.asarray(vp)
   sc = {k_: jnp.asarray(v) for k_, v in sc.items()}
   kwargs = dict(bits=bits, scale=h ** -0.5, **sc)
+  if key_group is not None:
+    kwargs["key_group"] = key_group
   if rope:
     kwargs["rope_inv_freq"] = jnp.asarray(inv_freq(h))
   return (q, kp, vp, jnp.asarray(lengths), jnp.asarray(table)), kwargs
@@ -122,8 +140,10 @@ def make_case(params, *, bits, b_heads, h, lengths, dtype, page=PAGE, rope=False
 
 def numpy_attention(q, k_pages, v_pages, lengths, page_table, *, bits, scale,
                     k_scales=None, k_offsets=None, v_scales=None, v_offsets=None,
-                    logit_softcap=None, sliding_window=None, rope_inv_freq=None):
-  """Float64 numpy walk of the page table, token by token: the independent oracle."""
+                    logit_softcap=None, sliding_window=None, rope_inv_freq=None,
+                    key_group=None, return_lse=False, query_positions=None):
+  """Float64 numpy walk of the page table, token by token: the independent oracle
+  (-> out [B, N, H], and lse [B, N] with return_lse)."""
   q = np.asarray(jnp.asarray(q, jnp.float32), np.float64)
   kp, vp = np.asarray(jnp.asarray(k_pages, jnp.float32) if bits is None else k_pages), \
       np.asarray(jnp.asarray(v_pages, jnp.float32) if bits is None else v_pages)
@@ -132,28 +152,32 @@ def numpy_attention(q, k_pages, v_pages, lengths, page_table, *, bits, scale,
   kh, _, page, _ = kp.shape
   g = n // kh
   out = np.zeros((b, n, h))
+  lse = np.full((b, n), -np.inf)
 
-  def token(pages, scales, offsets, kv, pos, seq):
+  def token(pages, scales, offsets, kv, pos, seq, group=None):
     x = pages[kv, table[seq, pos // page], pos % page]
     if bits == 4:
       x = np.concatenate([x & 0xF, x >> 4])
     x = x.astype(np.float64)
     if bits is not None:
-      s_, o_ = (np.asarray(a)[kv, table[seq, pos // page], pos % page]
+      # Per token: one scalar grid; per channel: the [H] grid row of the token's group.
+      slot = pos % page if group is None else pos % page // group
+      s_, o_ = (np.asarray(a, np.float64)[kv, table[seq, pos // page], slot]
                 for a in (scales, offsets))
       x = x * s_ + o_
     return x
 
   for seq in range(b):
     n_len = int(lengths[seq])
-    lo = 0 if sliding_window is None else max(0, n_len - sliding_window)
+    query = n_len - 1 if query_positions is None else int(query_positions[seq])
+    lo = 0 if sliding_window is None else max(0, query + 1 - sliding_window)
     positions = list(range(lo, n_len))
     for kv in range(kh):
       if not positions:
         continue
       keys_ = []
       for pos in positions:
-        k = token(kp, k_scales, k_offsets, kv, pos, seq)
+        k = token(kp, k_scales, k_offsets, kv, pos, seq, group=key_group)
         if rope_inv_freq is not None:
           # HF: the angle in float32, cos/sin of it.
           ang = (np.float32(pos) * np.asarray(rope_inv_freq, np.float32)).astype(np.float64)
@@ -169,7 +193,8 @@ def numpy_attention(q, k_pages, v_pages, lengths, page_table, *, bits, scale,
           logits = np.tanh(logits / logit_softcap) * logit_softcap
         w = np.exp(logits - logits.max())
         out[seq, kv * g + gi] = (w / w.sum()) @ vals
-  return out
+        lse[seq, kv * g + gi] = logits.max() + np.log(w.sum())
+  return (out, lse) if return_lse else out
 
 
 # Case: (bits, (N, K), H, q dtype, rope, softcap, window, gpu BlockSizes, tpu BlockSizes)
@@ -277,6 +302,129 @@ def test_split_layout_fills_the_gpu():
 
 
 # ---------------------------------------------------------------------------------------
+# Per-channel keys (KIVI's key_group) and return_lse
+
+# Case: (bits, (N, K), H, q dtype, rope, softcap, window, key_group, page, gpu BlockSizes,
+#        tpu BlockSizes)
+CHANNEL_CASES = {
+    "int4_g8_gqa4": (4, (8, 2), 64, jnp.float32, False, None, None, 8, 16, None, None),
+    "int4_g16_bf16_window_softcap": (4, (4, 1), 64, jnp.bfloat16, False, 30.0, 20, 16, 16,
+                                     BlockSizes(pages_per_block=2, num_splits=3),
+                                     TpuBlockSizes(2)),
+    "int8_g8_rope": (8, (4, 2), 64, jnp.float32, True, None, None, 8, 16,
+                     BlockSizes(pages_per_block=1, num_splits=4), None),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def channel_inputs(name):
+  """(args, kwargs with return_lse, reference (out, lse)) of a per-channel case; lengths
+  0, 1, G-1, G+1 and a long one; with a sliding window, query_positions past the pages."""
+  bits, heads, h, dtype, rope, softcap, window, group, page, _, _ = CHANNEL_CASES[name]
+  lengths = (0, 1, group - 1, group + 1, 9 * page + 5)
+  args, kwargs = make_case((name,), bits=bits, b_heads=heads, h=h, lengths=lengths,
+                           dtype=dtype, page=page, rope=rope, key_group=group)
+  kwargs.update(logit_softcap=softcap, sliding_window=window, return_lse=True)
+  if window is not None:  # the query G/2 tokens past the pages (a float window's worth)
+    kwargs["query_positions"] = jnp.asarray(lengths, jnp.int32) - 1 + group // 2
+  return args, kwargs, ref.decode_attention(*args, **kwargs)
+
+
+def check_lse(lse, want_lse, dtype=jnp.float32):
+  """lse: -inf exactly for the empty sequence, else within LSE_BUDGET of want."""
+  lse, want_lse = np.asarray(lse, np.float64), np.asarray(want_lse, np.float64)
+  assert lse.shape == want_lse.shape
+  np.testing.assert_array_equal(lse[0], -np.inf)
+  np.testing.assert_allclose(lse[1:], want_lse[1:], rtol=0, atol=LSE_BUDGET[dtype])
+
+
+@pytest.mark.parametrize("name", sorted(CHANNEL_CASES))
+def test_channel_reference_matches_numpy_walk(name):
+  args, kwargs, (out, lse) = channel_inputs(name)
+  assert out.dtype == jnp.float32 and lse.shape == args[0].shape[:2]
+  want, want_lse = numpy_attention(*args, **kwargs)
+  np.testing.assert_array_equal(np.asarray(out[0]), 0.0)
+  # return_lse gives float32 out: the reference budget whatever q's dtype (q is rounded
+  # to bf16 before both).
+  assert rel_err(out, want) < REFERENCE_BUDGET
+  check_lse(lse, want_lse)
+  plain = ref.decode_attention(*args, **{**kwargs, "return_lse": False})
+  np.testing.assert_array_equal(np.asarray(plain), np.asarray(out.astype(plain.dtype)))
+
+
+def test_channel_reference_golden():
+  # One sequence of 2 tokens in a page of 2, key_group 2 (one grid for both), H = 2,
+  # 8-bit codes: k0 codes [1, 0], k1 codes [0, 1], k_scales [2, 3], k_offsets [0, -1] ->
+  # k0 = [2, -1], k1 = [0, 2]. q = [1, 0] -> scores [2, 0]; lse = log(e^2 + 1);
+  # values per token: codes [1, 0] and [0, 1], scale 4, offset 0 -> v0 = [4, 0],
+  # v1 = [0, 4] -> out = [4 e^2, 4] / (e^2 + 1).
+  q = jnp.array([[[1.0, 0.0]]], jnp.float32)
+  codes = jnp.array([[[[1, 0], [0, 1]]]], jnp.uint8)  # [K=1, P=1, page=2, H=2]
+  out, lse = ref.decode_attention(
+      q, codes, codes, jnp.array([2]), jnp.array([[0]]), bits=8, key_group=2, scale=1.0,
+      k_scales=jnp.array([[[[2.0, 3.0]]]]), k_offsets=jnp.array([[[[0.0, -1.0]]]]),
+      v_scales=jnp.full((1, 1, 2), 4.0), v_offsets=jnp.zeros((1, 1, 2)), return_lse=True)
+  e2 = np.exp(2.0)
+  np.testing.assert_allclose(np.asarray(out), [[[4 * e2 / (e2 + 1), 4 / (e2 + 1)]]],
+                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(lse), [[np.log(e2 + 1)]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(CHANNEL_CASES))
+def test_channel_gpu_kernel_interpret(name):
+  args, kwargs, (want, want_lse) = channel_inputs(name)
+  dtype, bs = CHANNEL_CASES[name][3], CHANNEL_CASES[name][9]
+  out, lse = gpu.decode_attention(*args, **kwargs, block_sizes=bs, interpret=True)
+  assert out.dtype == jnp.float32 and out.shape == args[0].shape
+  np.testing.assert_array_equal(np.asarray(out[0]), 0.0)
+  assert rel_err(out, want) < KERNEL_BUDGET[dtype]
+  check_lse(lse, want_lse, dtype)
+
+
+@pytest.mark.parametrize("name", sorted(CHANNEL_CASES))
+def test_channel_tpu_kernel_interpret(name):
+  args, kwargs, (want, want_lse) = channel_inputs(name)
+  dtype, bs = CHANNEL_CASES[name][3], CHANNEL_CASES[name][10]
+  out, lse = tpu.decode_attention(*args, **kwargs, block_sizes=bs, interpret=INTERPRET_TPU)
+  assert out.dtype == jnp.float32 and out.shape == args[0].shape
+  np.testing.assert_array_equal(np.asarray(out[0]), 0.0)
+  assert rel_err(out, want) < KERNEL_BUDGET[dtype]
+  check_lse(lse, want_lse, dtype)
+
+
+def test_per_token_return_lse():
+  """return_lse on per-token pages: the GPU kernel's split merge and the reference agree
+  with the float64 walk."""
+  args, kwargs, _ = case_inputs("int8_window")
+  kwargs = {**kwargs, "return_lse": True}
+  _, want_lse = numpy_attention(*args, **kwargs)
+  check_lse(ref.decode_attention(*args, **kwargs)[1], want_lse)
+  bs = CASES["int8_window"][7]
+  check_lse(gpu.decode_attention(*args, **kwargs, block_sizes=bs, interpret=True)[1],
+            want_lse)
+
+
+def test_channel_bad_shapes_raise():
+  args, sc = _small(bits=4)
+  kh, p, page, _ = args[1].shape
+  grid = jnp.ones((kh, p, page // 8, 64), jnp.float32)
+  good = {**sc, "k_scales": grid, "k_offsets": grid}
+  api.decode_attention(*args, **good, bits=4, key_group=8, scale=0.1)
+  with pytest.raises(ValueError, match="page_size=16 must be a multiple of key_group=6"):
+    api.decode_attention(*args, **good, bits=4, key_group=6, scale=0.1)
+  with pytest.raises(ValueError, match=r"k_scales.shape=\(2, 4, 16\)"):
+    api.decode_attention(*args, **sc, bits=4, key_group=8, scale=0.1)
+  with pytest.raises(ValueError, match="k_offsets.shape"):
+    api.decode_attention(*args, **{**good, "k_offsets": grid[..., :32]}, bits=4,
+                         key_group=8, scale=0.1)
+  with pytest.raises(ValueError, match="key_group=0"):
+    api.decode_attention(*args, **good, bits=4, key_group=0, scale=0.1)
+  float_args, _ = _small()
+  with pytest.raises(ValueError, match="key_group=8 needs quantized pages"):
+    api.decode_attention(*float_args, key_group=8, scale=0.1)
+
+
+# ---------------------------------------------------------------------------------------
 # Dispatch and errors
 
 
@@ -367,27 +515,32 @@ sds = jax.ShapeDtypeStruct
 F32, BF16, U8 = jnp.float32, jnp.bfloat16, jnp.uint8
 
 
-def _lowering_case(impl, bits, rope, page):
+def _lowering_case(impl, bits, rope, page, key_group=None):
   b, n, kh, h, p, pps = 4, 32, 8, 128, 256, 64
   hc = h // 2 if bits == 4 else h
   dt = BF16 if bits is None else U8
   names = ((("k_scales", "k_offsets", "v_scales", "v_offsets") if bits else ())
            + (("rope_inv_freq",) if rope else ()))
-  extra = [sds((kh, p, page), F32)] * (4 if bits else 0) + (
+  key_grid = (kh, p, page) if key_group is None else (kh, p, page // key_group, h)
+  extra = ([sds(key_grid, F32)] * 2 + [sds((kh, p, page), F32)] * 2 if bits else []) + (
       [sds((h // 2,), F32)] if rope else [])
+  # With key_group: the lse output too, as lowbit.attention asks for it.
+  options = {} if key_group is None else dict(key_group=key_group, return_lse=True)
 
   def fn(q, kp, vp, lengths, table, *ex):
     return impl(q, kp, vp, lengths, table, bits=bits, scale=h ** -0.5,
-                **dict(zip(names, ex)))
+                **dict(zip(names, ex)), **options)
 
   args = (sds((b, n, h), BF16), sds((kh, p, page, hc), dt), sds((kh, p, page, hc), dt),
           sds((b,), jnp.int32), sds((b, pps), jnp.int32), *extra)
   return fn, args
 
 
-@pytest.mark.parametrize("bits,rope", [(None, False), (8, True), (4, True)])
-def test_gpu_kernel_lowers_for_cuda(bits, rope):
-  fn, args = _lowering_case(gpu.decode_attention, bits, rope, 16)
+@pytest.mark.parametrize("bits,rope,page,key_group", [
+    (None, False, 16, None), (8, True, 16, None), (4, True, 16, None), (4, False, 32, 32),
+    (4, True, 64, 32)])
+def test_gpu_kernel_lowers_for_cuda(bits, rope, page, key_group):
+  fn, args = _lowering_case(gpu.decode_attention, bits, rope, page, key_group)
   try:
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   except Exception as e:  # pylint: disable=broad-except
@@ -398,9 +551,10 @@ def test_gpu_kernel_lowers_for_cuda(bits, rope):
   assert "triton" in text
 
 
-@pytest.mark.parametrize("bits,rope", [(None, True), (4, False)])
-def test_tpu_kernel_lowers_for_tpu(bits, rope):
+@pytest.mark.parametrize("bits,rope,key_group", [(None, True, None), (4, False, None),
+                                                  (4, False, 32)])
+def test_tpu_kernel_lowers_for_tpu(bits, rope, key_group):
   # Page size 32: whole (32, 128) tiles of 8-bit codes for the DMAs.
-  fn, args = _lowering_case(tpu.decode_attention, bits, rope, 32)
+  fn, args = _lowering_case(tpu.decode_attention, bits, rope, 32, key_group)
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
   assert "tpu_custom_call" in text

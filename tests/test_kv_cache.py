@@ -152,6 +152,61 @@ def test_cached_generation_equals_the_uncached_simulation(architecture, name):
     np.testing.assert_allclose(step[:, 0], full[:, position], atol=2e-5)
 
 
+def test_channel_key_pages_and_window():
+  """A kv4 cache's paged view: pages a multiple of key_group, per-channel key grids per
+  page, codes only for complete groups; the window holds the rest in float."""
+  fmt = KV_FORMATS["kv4"]
+  k, v = _kv(5, t=40)  # [B=2, T=40, K=2, H=16]: one complete group, 8 window tokens
+  cache = fmt.empty(2, 64, 2, 16).write(k, v, 0, prefill=True)
+  assert cache.paged and cache.page_size == 64 and fmt.slots(40) == 64
+  pages = cache.pages()
+  assert pages["key_group"] == 32 and pages["bits"] == 4
+  assert pages["k_pages"].shape == (2, 2, 64, 8)  # [K, P = B * 64 / 64, page, H / 2]
+  assert pages["k_scales"].shape == (2, 2, 2, 16)  # [K, P, page / G, H]
+  assert pages["v_scales"].shape == (2, 2, 64)
+  np.testing.assert_array_equal(pages["page_table"], [[0], [1]])
+  assert int(cache.complete_length(jnp.int32(40))) == 32
+  k_window, v_window = cache.window(jnp.int32(40))  # [K, B, G, H]
+  np.testing.assert_array_equal(k_window[:, :, :8], jnp.transpose(k[:, 32:], (2, 0, 1, 3)))
+  _, v_read = cache.read()
+  np.testing.assert_allclose(v_window[:, :, :8], jnp.transpose(v_read[:, 32:40], (2, 0, 1, 3)))
+  # Page sizes must hold whole key groups; 2-bit codes have no kernel.
+  assert not KVFormat(bits=4, keys="channel", key_group=24).empty(1, 48, 2, 16).paged
+  assert KVFormat(bits=4, keys="channel", key_group=16).empty(1, 48, 2, 16).page_size == 16
+  assert not KV_FORMATS["kv2"].empty(1, 64, 2, 16).paged
+  with pytest.raises(ValueError, match="2-bit cache with key_group=32"):
+    KV_FORMATS["kv2"].empty(1, 64, 2, 16).pages()
+
+
+@pytest.mark.parametrize("prefill", [30, 32])
+@pytest.mark.parametrize("architecture,fmt", [
+    ("llama", KV_FORMATS["kv4"]), ("gemma3", KV_FORMATS["kv4"]),
+    ("llama", KVFormat(bits=4, keys="channel", key_group=32, keys_before_rope=True))],
+                         ids=["llama-kv4", "gemma3-kv4", "llama-kv4-before-rope"])
+def test_channel_key_decode_through_the_kernel_equals_the_read_path(architecture, fmt,
+                                                                    prefill, monkeypatch):
+  """kv4 decode through `paged_decode_attention` (the kernel over complete key groups,
+  merged with the float window) gives the logits of reading the whole cache back and
+  attending over it, step by step across a key-group boundary (gemma3: sliding window 8
+  and soft caps; a pre-RoPE variant: the window's keys rotated outside the kernel)."""
+  model = _model(architecture)
+  model.set_kv_format(fmt)
+  # Steps at positions prefill .. prefill + 2: 30 completes a group at position 31.
+  tokens = jnp.asarray(np.random.RandomState(3).randint(0, 41, (2, prefill + 3)))
+
+  def decode(paged: bool):
+    monkeypatch.setattr(QuantizedKVCache, "paged", property(lambda self: paged))
+    cache = model.init_cache(2, 48)
+    logits, cache = model(tokens[:, :prefill], cache=cache, prefill=True)
+    steps = [logits[:, -1]]
+    for position in range(prefill, tokens.shape[1]):
+      step, cache = model(tokens[:, position:position + 1], start=position, cache=cache)
+      steps.append(step[:, 0])
+    return jnp.stack(steps)
+
+  np.testing.assert_allclose(decode(True), decode(False), atol=1e-4)
+
+
 def test_quantized_caches_stay_close_to_float_and_order_by_bits():
   model = _model()
   tokens = jnp.asarray(np.random.RandomState(1).randint(0, 41, (2, 64)))

@@ -1,5 +1,6 @@
 """Paged decode attention over bf16 / int8 / int4 KV pages (GQA, RoPE on pre-RoPE keys,
-logit soft cap, sliding window) for GPU and TPU.
+logit soft cap, sliding window; keys with per-token or per-channel (KIVI) grids; the
+log-sum-exp on request) for GPU and TPU.
 
 reference.py is the plain-jnp oracle and XLA fallback, gpu.py the Pallas-Triton
 flash-decoding kernel, tpu.py the Pallas-Mosaic kernel, config.py their block sizes, and

@@ -63,18 +63,25 @@ class BlockSizes:
 
   @classmethod
   def get_default(cls, batch: int, kv_heads: int, pages_per_seq: int,
-                  page_size: int, head_dim: int, *, rope: bool = False) -> "BlockSizes":
-    """The default rule: 128-token blocks, 4 warps (8 with RoPE), splits to fill.
+                  page_size: int, head_dim: int, *, rope: bool = False,
+                  channel_keys: bool = False) -> "BlockSizes":
+    """The default rule: 128-token blocks, 4 warps (8 with RoPE or per-channel keys),
+    splits to fill; per-channel keys with RoPE: 64-token blocks.
 
     From the offline sm_90 compile (pallas_kernels/triton_offline.py, Triton 3.6, head
     dim 128, GQA 4/1): without RoPE 168-190 registers, no spills, at 4 warps. With RoPE
     the float32 [block_t, H/2] key halves, cos and sin are live together: 4 warps spill
     (636 B for int8, 388 B for int4); 8 warps: 221-248 registers, no spills.
+    Per-channel int4 keys (key_group 32, GQA 32/8, page 32 or 64) dequantize the key
+    block in float32 next to its broadcast grids: 4 warps 255 registers and 24-32 B of
+    spills, 8 warps 147 registers, none. With RoPE too, 8 warps spill 232 B at 128-token
+    blocks and none at 64 (255 registers).
     """
     del batch, kv_heads, pages_per_seq, head_dim  # One tiling serves them all today.
-    ppb = max(1, 128 // page_size)
-    return cls(pages_per_block=ppb, num_splits=None, num_warps=8 if rope else 4,
-               num_stages=2)
+    block_t = 64 if rope and channel_keys else 128
+    ppb = max(1, block_t // page_size)
+    return cls(pages_per_block=ppb, num_splits=None,
+               num_warps=8 if rope or channel_keys else 4, num_stages=2)
 
 
 def split_layout(batch: int, kv_heads: int, pages_per_seq: int,

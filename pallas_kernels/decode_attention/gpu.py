@@ -23,6 +23,14 @@ Design (flash-decoding):
     out += (p * vscale) @ codes + sum_t(p_t * voffset_t). 4-bit codes are unpacked with
     shifts and masks in registers into their two halves (no interleave: the "halves"
     packing), each half its own dot.
+  * per-channel keys (KIVI, `key_group`): every channel of a group of key_group tokens has
+    its own grid, f32 [P, page / key_group, H]. The block's grid rows ([pages_per_block,
+    page / key_group, H], a few registers a thread) are broadcast over their groups and the
+    codes dequantized in float32 (one FMA a code) before the dot. Folding the grid into
+    the query instead ((q * scale_g) . c + q . offset_g) needs a differently scaled query
+    for every group of the block, i.e. one small dot per group on a slice of the key
+    block, which Triton cannot take from registers; decode is bound by HBM, and the RoPE
+    path below already pays the same FMA per element.
   * RoPE on pre-RoPE keys: the key is dequantized to float32 and rotated before its dot.
     cos/sin by angle addition: for slot r of a page starting at position p0,
     cos((p0 + r) f) = cos(p0 f) cos(r f) - sin(p0 f) sin(r f), composed twice: from the
@@ -41,7 +49,8 @@ Design (flash-decoding):
     result; page ids are clamped into the pool, so a stale table entry past a sequence's
     end is never dereferenced out of bounds.
   * a plain jnp step merges the splits' partials by log-sum-exp; a sequence of length 0
-    comes out as zeros.
+    comes out as zeros. `return_lse` also returns that log-sum-exp (from the merged max
+    and sum) for callers that merge further keys.
 
 Limits: page_size * pages_per_block and the head dim must be powers of two (Triton block
 shapes); q must be bf16 or f32 (f32 runs its dots at HIGHEST precision, for tests).
@@ -116,15 +125,16 @@ def _dot_nt(a, b, precision):
   return jnp.dot(a, b.T, preferred_element_type=jnp.float32, precision=precision)
 
 
-def _kernel(*refs, bits, rope: bool, ps: int, ppb: int, pages_per_split: int, h: int,
-            scale: float, softcap, window, cdt, precision):
+def _kernel(*refs, bits, key_group, rope: bool, ps: int, ppb: int, pages_per_split: int,
+            h: int, scale: float, softcap, window, cdt, precision):
   it = iter(refs)
-  len_ref = next(it)  # i32[1]
+  len_ref = next(it)  # i32[2]: length, first position of the sliding window
   tab_ref = next(it)  # i32[pages_padded]
   q_ref = next(it)  # [Gp, H]
   quant = bits is not None
   k_ref = next(it)  # [P, page, H] (or [P, page, H/2] packed)
-  ks_ref, ko_ref = (next(it), next(it)) if quant else (None, None)  # f32[P, page]
+  # f32[P, page] per token, or f32[P, page / key_group, H] per channel
+  ks_ref, ko_ref = (next(it), next(it)) if quant else (None, None)
   v_ref = next(it)
   vs_ref, vo_ref = (next(it), next(it)) if quant else (None, None)
   if rope:
@@ -143,7 +153,7 @@ def _kernel(*refs, bits, rope: bool, ps: int, ppb: int, pages_per_split: int, h:
   end_page = jnp.minimum(first_page + pages_per_split, n_pages)
   n_blocks = jnp.maximum(lax.div(end_page - first_page + (ppb - 1), ppb), 0)
   if window is not None:
-    lo_pos = jnp.maximum(length - window, 0)
+    lo_pos = len_ref[1]
     i0 = jnp.maximum(lax.div(lax.div(lo_pos, ps) - first_page, ppb), 0)
   else:
     lo_pos, i0 = None, jnp.int32(0)
@@ -171,6 +181,15 @@ def _kernel(*refs, bits, rope: bool, ps: int, ppb: int, pages_per_split: int, h:
   def per_token(ref, ids):
     return ref[ids].reshape(bt)
 
+  def dequantize_channels(x, ids, col0: int):
+    """f32 codes [T, w] of key columns col0 .. col0+w-1 -> keys: each token takes the grid
+    row of its group, [ppb, page / key_group, w] broadcast to [T, w]."""
+    w = x.shape[1]
+    groups = (ppb, ps // key_group, key_group, w)
+    row = lambda ref: jnp.broadcast_to(ref[ids, :, pl.ds(col0, w)][:, :, None, :],
+                                       groups).reshape(bt, w)
+    return x * row(ks_ref) + row(ko_ref)
+
   def body(i, carry):
     accs, m_prev, l_prev = carry
     pstart = first_page + i * ppb
@@ -190,7 +209,9 @@ def _kernel(*refs, bits, rope: bool, ps: int, ppb: int, pages_per_split: int, h:
         to_f32 = ((lambda x: _bytes(x, jnp.float32)) if quant
                   else (lambda x: x.astype(jnp.float32)))
         k1, k2 = to_f32(k1), to_f32(k2)
-      if quant:
+      if key_group is not None:
+        k1, k2 = dequantize_channels(k1, ids, 0), dequantize_channels(k2, ids, h2)
+      elif quant:
         ks = per_token(ks_ref, ids)[:, None]
         ko = per_token(ko_ref, ids)[:, None]
         k1, k2 = k1 * ks + ko, k2 * ks + ko
@@ -205,6 +226,15 @@ def _kernel(*refs, bits, rope: bool, ps: int, ppb: int, pages_per_split: int, h:
       r1 = (k1 * cos - k2 * sin).astype(cdt)
       r2 = (k2 * cos + k1 * sin).astype(cdt)
       s = _dot_nt(q1, r1, precision) + _dot_nt(q2, r2, precision)
+    elif key_group is not None:
+      if bits == 4:
+        k1, k2 = _nibbles(k_ref[ids].reshape(bt, h2), jnp.float32)
+        k1, k2 = dequantize_channels(k1, ids, 0), dequantize_channels(k2, ids, h2)
+        s = (_dot_nt(q1, k1.astype(cdt), precision)
+             + _dot_nt(q2, k2.astype(cdt), precision))
+      else:
+        k = dequantize_channels(_bytes(k_ref[ids].reshape(bt, h), jnp.float32), ids, 0)
+        s = _dot_nt(qf, k.astype(cdt), precision)
     else:
       if bits == 4:
         c1, c2 = _nibbles(k_ref[ids].reshape(bt, h2), cdt)
@@ -264,7 +294,7 @@ def _kernel(*refs, bits, rope: bool, ps: int, ppb: int, pages_per_split: int, h:
   l_ref[...] = l
 
 
-def check_supported(q, k_pages, page_table, *, bits, rope: bool,
+def check_supported(q, k_pages, page_table, *, bits, rope: bool, channel_keys: bool,
                     block_sizes: BlockSizes | None) -> None:
   """Raises NotImplementedError for cases this kernel does not serve (STYLE.md 3)."""
   b, n, h = q.shape
@@ -282,7 +312,8 @@ def check_supported(q, k_pages, page_table, *, bits, rope: bool,
   if ps & (ps - 1):
     raise NotImplementedError(f"pallas_gpu decode_attention: page_size={ps} must be a "
                               f"power of two")
-  bs = block_sizes or BlockSizes.get_default(b, kh, page_table.shape[1], ps, h, rope=rope)
+  bs = block_sizes or BlockSizes.get_default(b, kh, page_table.shape[1], ps, h, rope=rope,
+                                             channel_keys=channel_keys)
   bt = bs.pages_per_block * ps
   if bt & (bt - 1) or bt < MIN_DOT_DIM:
     raise NotImplementedError(f"pallas_gpu decode_attention: {bs.pages_per_block=} x "
@@ -290,24 +321,31 @@ def check_supported(q, k_pages, page_table, *, bits, rope: bool,
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "bits", "scale", "logit_softcap", "sliding_window", "block_sizes", "interpret"))
+    "bits", "scale", "logit_softcap", "sliding_window", "key_group", "return_lse",
+    "block_sizes", "interpret"))
 def decode_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None,
                      k_offsets=None, v_scales=None, v_offsets=None, bits=None,
                      scale: float, logit_softcap: float | None = None,
                      sliding_window: int | None = None, rope_inv_freq=None,
-                     block_sizes: BlockSizes | None = None, interpret=False):
+                     key_group: int | None = None, return_lse: bool = False,
+                     query_positions=None, block_sizes: BlockSizes | None = None,
+                     interpret=False):
   """Paged decode attention on the GPU; see `reference.decode_attention`."""
   reference.validate_inputs(q, k_pages, v_pages, lengths, page_table, k_scales, k_offsets,
                             v_scales, v_offsets, bits=bits, rope_inv_freq=rope_inv_freq,
-                            sliding_window=sliding_window)
+                            sliding_window=sliding_window, key_group=key_group,
+                            query_positions=query_positions)
   rope = rope_inv_freq is not None
-  check_supported(q, k_pages, page_table, bits=bits, rope=rope, block_sizes=block_sizes)
+  channel_keys = key_group is not None
+  check_supported(q, k_pages, page_table, bits=bits, rope=rope, channel_keys=channel_keys,
+                  block_sizes=block_sizes)
   b, n, h = q.shape
   kh, num_pages, ps, hc = k_pages.shape
   pps = page_table.shape[1]
   g = n // kh
   gp = max(MIN_DOT_DIM, next_pow2(g))
-  bs = block_sizes or BlockSizes.get_default(b, kh, pps, ps, h, rope=rope)
+  bs = block_sizes or BlockSizes.get_default(b, kh, pps, ps, h, rope=rope,
+                                             channel_keys=channel_keys)
   bs.validate(ps)
   ppb = bs.pages_per_block
   bt = ppb * ps
@@ -323,19 +361,26 @@ def decode_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None,
   qg = q.reshape(b, kh, g, h)
   if gp != g:
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
-  lens = lengths.astype(jnp.int32).reshape(b, 1)
+  starts = (jnp.zeros((b,), jnp.int32) if sliding_window is None else
+            reference.window_starts(lengths, query_positions, sliding_window))
+  lens = jnp.stack([lengths.astype(jnp.int32), starts], axis=1)  # [B, 2]
 
   quant = bits is not None
   args = [lens, table, qg, k_pages]
-  specs = [pl.BlockSpec((None, 1), lambda i, j, s: (i, 0)),
+  specs = [pl.BlockSpec((None, 2), lambda i, j, s: (i, 0)),
            pl.BlockSpec((None, pages_padded), lambda i, j, s: (i, 0)),
            pl.BlockSpec((None, None, gp, h), lambda i, j, s: (i, j, 0, 0))]
   page_spec = pl.BlockSpec((None, num_pages, ps, hc), lambda i, j, s: (j, 0, 0, 0))
   scale_spec = pl.BlockSpec((None, num_pages, ps), lambda i, j, s: (j, 0, 0))
+  if key_group is None:
+    key_scale_spec = scale_spec
+  else:
+    key_scale_spec = pl.BlockSpec((None, num_pages, ps // key_group, h),
+                                  lambda i, j, s: (j, 0, 0, 0))
   specs.append(page_spec)
   if quant:
     args += [k_scales, k_offsets]
-    specs += [scale_spec, scale_spec]
+    specs += [key_scale_spec, key_scale_spec]
   args.append(v_pages)
   specs.append(page_spec)
   if quant:
@@ -351,9 +396,9 @@ def decode_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None,
     specs.append(pl.BlockSpec((h // 2,), lambda i, j, s: (0,)))
 
   kernel = functools.partial(
-      _kernel, bits=bits, rope=rope, ps=ps, ppb=ppb, pages_per_split=pages_per_split, h=h,
-      scale=float(scale), softcap=logit_softcap, window=sliding_window, cdt=cdt,
-      precision=precision)
+      _kernel, bits=bits, key_group=key_group, rope=rope, ps=ps, ppb=ppb,
+      pages_per_split=pages_per_split, h=h, scale=float(scale), softcap=logit_softcap,
+      window=sliding_window, cdt=cdt, precision=precision)
   f32 = jnp.float32
   o, m, l = pl.pallas_call(
       kernel,
@@ -369,17 +414,25 @@ def decode_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None,
                  jax.ShapeDtypeStruct((b, kh, splits, gp), f32)],
       compiler_params=_CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
       interpret=interpret,
-      name=f"decode_attention_bits{bits or 16}{'_rope' if rope else ''}",
+      name=(f"decode_attention_bits{bits or 16}"
+            f"{'' if key_group is None else f'_keygroup{key_group}'}"
+            f"{'_rope' if rope else ''}"),
   )(*args)
-  return combine_splits(o, m, l, g).reshape(b, n, h).astype(q.dtype)
+  out, lse = combine_splits(o, m, l, g)
+  out = out.reshape(b, n, h)
+  if return_lse:
+    return out, lse.reshape(b, n)
+  return out.astype(q.dtype)
 
 
 def combine_splits(o, m, l, g: int):
   """Merges split partials by log-sum-exp: o f32[B, K, S, Gp, H], m/l f32[B, K, S, Gp]
-  -> f32[B, K, g, H]; a row with no visible key (sum 0) comes out as 0."""
+  -> (f32[B, K, g, H], lse f32[B, K, g]); a row with no visible key (sum 0) comes out as 0
+  with lse -inf."""
   m_max = jnp.max(m, axis=2, keepdims=True)
   w = jnp.exp(m - m_max)  # 0 for splits that saw no visible key (m = MASK_VALUE)
   l_tot = jnp.sum(l * w, axis=2)[..., None]
   o_tot = jnp.sum(o * w[..., None], axis=2)
   out = jnp.where(l_tot > 0, o_tot / jnp.where(l_tot > 0, l_tot, 1.0), 0.0)
-  return out[:, :, :g]
+  lse = reference.lse_of(m_max[:, :, 0], l_tot[..., 0])
+  return out[:, :, :g], lse[:, :, :g]

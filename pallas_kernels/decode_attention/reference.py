@@ -10,6 +10,14 @@ The op (one query token per sequence, grouped-query attention over a paged KV ca
   page_table  i32[B, pages_per_seq] token p of sequence b lives in page
                                    page_table[b, p // page], slot p % page
   k/v_scales, k/v_offsets  f32[K, P, page]   x = code * scale + offset (per token, kv head)
+  key_group   int or None          per-channel keys (KIVI): k_scales / k_offsets are
+                                   f32[K, P, page // key_group, H], one grid per channel and
+                                   group of key_group tokens of a page (page % key_group == 0);
+                                   values keep their per-token grids
+  return_lse  bool                 also return the log-sum-exp of the visible scores
+  query_positions  i32[B] or None  the query's position for the sliding window (default
+                                   lengths - 1): lets the pages be a prefix of a longer
+                                   sequence whose newest keys the caller attends itself
 
 Letters: B batch, N query heads, K kv heads, G = N / K query heads per kv head, H head dim,
 P pages in the pool, S = pages_per_seq * page the longest context a table can address.
@@ -23,13 +31,19 @@ is rotated by angles p * inv_freq (HF rotate-half: k1' = k1 cos - k2 sin,
 k2' = k2 cos + k1 sin) inside the op. The angle is computed as float32(p) * inv_freq in
 float32, as Hugging Face does.
 
-Masking: key p is visible iff p < length and, with a sliding window, p > length-1-window.
+Masking: key p is visible iff p < length and, with a sliding window, p > query_position -
+window (query_position = length - 1 unless given).
 Masked positions (and pages the table does not reach) may hold garbage or NaN; they are
 removed with `where` (never multiplied by zero), so no NaN can leak. The logit soft cap
 (Gemma) is tanh(s / c) * c, applied before the mask.
 
 Precision: dequantization, RoPE, scores, softmax and the weighted sum all run in float32
 (HIGHEST precision dots); the result is cast to q.dtype.
+
+With `return_lse=True` the op returns (out f32 [B, N, H], lse f32 [B, N]): lse is
+log(sum_p exp(s_p)) over the visible keys p of the scaled, soft-capped scores s, -inf for a
+sequence with no visible key. A caller that attends to further keys outside the pages (the
+float window of a per-channel key cache) merges the two parts exactly by their lse.
 """
 
 from __future__ import annotations
@@ -67,10 +81,15 @@ def rope_rotate(k: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.
 
 def validate_inputs(q, k_pages, v_pages, lengths, page_table, k_scales, k_offsets,
                     v_scales, v_offsets, *, bits, rope_inv_freq=None,
-                    sliding_window=None) -> None:
+                    sliding_window=None, key_group=None, query_positions=None) -> None:
   """Static (shape and dtype) checks shared by every implementation; raises ValueError."""
   if bits not in BITS:
     raise ValueError(f"bits={bits!r} must be one of {BITS}")
+  if key_group is not None:
+    if bits is None:
+      raise ValueError(f"key_group={key_group} needs quantized pages, got bits=None")
+    if key_group < 1:
+      raise ValueError(f"key_group={key_group} must be >= 1")
   if q.ndim != 3:
     raise ValueError(f"q must be [B, N, H], got {q.shape=}")
   b, n, h = q.shape
@@ -82,6 +101,8 @@ def validate_inputs(q, k_pages, v_pages, lengths, page_table, k_scales, k_offset
     raise ValueError(f"{v_pages.shape=} {v_pages.dtype=} must equal {k_pages.shape=} "
                      f"{k_pages.dtype=}")
   kh, p, ps, hc = k_pages.shape
+  if key_group is not None and ps % key_group:
+    raise ValueError(f"page_size={ps} must be a multiple of key_group={key_group}")
   if n % kh:
     raise ValueError(f"query heads N={n} must be a multiple of kv heads K={kh} "
                      f"(q.shape={q.shape}, k_pages.shape={k_pages.shape})")
@@ -101,19 +122,25 @@ def validate_inputs(q, k_pages, v_pages, lengths, page_table, k_scales, k_offset
   else:
     if k_pages.dtype != jnp.uint8:
       raise ValueError(f"bits={bits} needs uint8 pages, got {k_pages.dtype=}")
-    for name, a in (("k_scales", k_scales), ("k_offsets", k_offsets),
-                    ("v_scales", v_scales), ("v_offsets", v_offsets)):
+    key_grid = (kh, p, ps) if key_group is None else (kh, p, ps // key_group, h)
+    for name, a, want in (("k_scales", k_scales, key_grid), ("k_offsets", k_offsets, key_grid),
+                          ("v_scales", v_scales, (kh, p, ps)),
+                          ("v_offsets", v_offsets, (kh, p, ps))):
       if a is None:
         raise ValueError(f"{name} is required for quantized pages (bits={bits})")
-      if a.shape != (kh, p, ps) or a.dtype != jnp.float32:
+      if a.shape != want or a.dtype != jnp.float32:
         raise ValueError(f"{name}.shape={a.shape} {name}.dtype={a.dtype} must be float32 "
-                         f"{(kh, p, ps)}")
+                         f"{want} (key_group={key_group})")
   if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
     raise ValueError(f"lengths.shape={lengths.shape} ({lengths.dtype}) must be int [{b}]")
   if (page_table.ndim != 2 or page_table.shape[0] != b
       or not jnp.issubdtype(page_table.dtype, jnp.integer)):
     raise ValueError(f"page_table.shape={page_table.shape} ({page_table.dtype}) must be "
                      f"int [{b}, pages_per_seq]")
+  if query_positions is not None and (
+      query_positions.shape != (b,) or not jnp.issubdtype(query_positions.dtype, jnp.integer)):
+    raise ValueError(f"query_positions.shape={query_positions.shape} "
+                     f"({query_positions.dtype}) must be int [{b}]")
   if rope_inv_freq is not None and rope_inv_freq.shape != (h // 2,):
     raise ValueError(f"rope_inv_freq.shape={rope_inv_freq.shape} must be [{h // 2}]")
   if sliding_window is not None and sliding_window < 1:
@@ -134,8 +161,12 @@ def dynamic_validate_inputs(lengths, page_table, num_pages: int, page_size: int)
       raise ValueError(f"page_table[{b}] = {live} points outside [0, {num_pages})")
 
 
-def gather_dequantized(pages, scales, offsets, page_table, *, bits) -> jax.Array:
-  """[K, P, page, H'] pages -> f32 [B, S, K, H] in token order (S = pages_per_seq * page)."""
+def gather_dequantized(pages, scales, offsets, page_table, *, bits,
+                       key_group=None) -> jax.Array:
+  """[K, P, page, H'] pages -> f32 [B, S, K, H] in token order (S = pages_per_seq * page).
+
+  Per-token grids: scales / offsets [K, P, page]; per-channel grids (key_group):
+  [K, P, page // key_group, H]."""
   kh, p, ps, _ = pages.shape
   table = jnp.clip(page_table, 0, p - 1)
   b, pps = table.shape
@@ -143,41 +174,65 @@ def gather_dequantized(pages, scales, offsets, page_table, *, bits) -> jax.Array
   if bits == 4:
     x = unpack_halves(x)
   x = x.astype(jnp.float32)
-  if bits is not None:
+  if key_group is not None:
+    h = x.shape[-1]
+    # [K, B, pps, page / G, G, H] * [K, B, pps, page / G, 1, H]
+    grouped = x.reshape(kh, b, pps, ps // key_group, key_group, h)
+    x = (grouped * scales[:, table][..., None, :] + offsets[:, table][..., None, :]
+         ).reshape(kh, b, pps, ps, h)
+  elif bits is not None:
     x = x * scales[:, table][..., None] + offsets[:, table][..., None]
   # [K, B, pps, page, H] -> [B, S, K, H]
   return x.reshape(kh, b, pps * ps, -1).transpose(1, 2, 0, 3)
 
 
-def visible_mask(lengths, s: int, sliding_window: int | None) -> jax.Array:
-  """bool [B, S]: key p visible iff p < length (and p > length - 1 - window)."""
+def window_starts(lengths, query_positions, sliding_window: int) -> jax.Array:
+  """i32[B]: the first position a sliding window shows the query (at query_positions,
+  default lengths - 1)."""
+  if query_positions is None:
+    query_positions = lengths.astype(jnp.int32) - 1
+  return jnp.maximum(query_positions.astype(jnp.int32) + 1 - sliding_window, 0)
+
+
+def visible_mask(lengths, s: int, sliding_window: int | None,
+                 query_positions=None) -> jax.Array:
+  """bool [B, S]: key p visible iff p < length (and p > query position - window)."""
   pos = jnp.arange(s, dtype=jnp.int32)[None, :]
-  n = lengths.astype(jnp.int32)[:, None]
-  visible = pos < n
+  visible = pos < lengths.astype(jnp.int32)[:, None]
   if sliding_window is not None:
-    visible &= pos > n - 1 - sliding_window
+    visible &= pos >= window_starts(lengths, query_positions, sliding_window)[:, None]
   return visible
 
 
+def lse_of(m, l):
+  """Log-sum-exp from a running max m and sum l = sum exp(s - m): -inf where l == 0."""
+  return jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+
+
 @functools.partial(jax.jit, static_argnames=("bits", "scale", "logit_softcap",
-                                             "sliding_window"))
+                                             "sliding_window", "key_group", "return_lse"))
 def decode_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None,
                      k_offsets=None, v_scales=None, v_offsets=None, bits=None,
                      scale: float, logit_softcap: float | None = None,
-                     sliding_window: int | None = None, rope_inv_freq=None):
-  """Paged decode attention in plain jnp (see the module docstring); -> [B, N, H] q.dtype."""
+                     sliding_window: int | None = None, rope_inv_freq=None,
+                     key_group: int | None = None, return_lse: bool = False,
+                     query_positions=None):
+  """Paged decode attention in plain jnp (see the module docstring); -> [B, N, H] q.dtype,
+  or (f32 [B, N, H], lse f32 [B, N]) with return_lse."""
   validate_inputs(q, k_pages, v_pages, lengths, page_table, k_scales, k_offsets, v_scales,
                   v_offsets, bits=bits, rope_inv_freq=rope_inv_freq,
-                  sliding_window=sliding_window)
+                  sliding_window=sliding_window, key_group=key_group,
+                  query_positions=query_positions)
   b, n, h = q.shape
   kh = k_pages.shape[0]
-  k = gather_dequantized(k_pages, k_scales, k_offsets, page_table, bits=bits)
+  k = gather_dequantized(k_pages, k_scales, k_offsets, page_table, bits=bits,
+                         key_group=key_group)
   v = gather_dequantized(v_pages, v_scales, v_offsets, page_table, bits=bits)
   s = k.shape[1]
   if rope_inv_freq is not None:
     pos = jnp.arange(s, dtype=jnp.int32)[:, None]  # [S, 1] broadcasts over K
     k = rope_rotate(k, pos, rope_inv_freq)
-  visible = visible_mask(lengths, s, sliding_window)  # [B, S]
+  visible = visible_mask(lengths, s, sliding_window, query_positions)  # [B, S]
   qg = q.astype(jnp.float32).reshape(b, kh, n // kh, h)
   hi = lax.Precision.HIGHEST
   # [B, K, G, S]
@@ -192,5 +247,7 @@ def decode_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None,
   l = jnp.sum(p, axis=-1, keepdims=True)
   v = jnp.where(visible[:, :, None, None], v, 0.0)  # garbage slots never reach the sum
   out = jnp.einsum("bkgs,bskh->bkgh", p, v, precision=hi)
-  out = jnp.where(l > 0, out / jnp.where(l > 0, l, 1.0), 0.0)
-  return out.reshape(b, n, h).astype(q.dtype)
+  out = jnp.where(l > 0, out / jnp.where(l > 0, l, 1.0), 0.0).reshape(b, n, h)
+  if return_lse:
+    return out, lse_of(m, l).reshape(b, n)
+  return out.astype(q.dtype)

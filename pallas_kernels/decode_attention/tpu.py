@@ -4,10 +4,11 @@ Same signature as `reference.decode_attention`, plus `block_sizes=` and `interpr
 (pass `pltpu.InterpretParams()` to run on a CPU; it also flags out-of-bounds reads).
 
 Design (simpler than the GPU kernel: no split of the sequence): grid (batch, kv head),
-both "parallel". The lengths and the page table are scalar-prefetched into SMEM; the pages
-stay in HBM (memory_space ANY) and each loop step DMAs `pages_per_block` pages of keys,
-values and their per-token scales into VMEM scratch, waits, and folds the block into an
-online softmax (float32 scores, max and sum in VMEM values carried by the loop).
+both "parallel". The lengths, the sliding windows' first positions and the page table are
+scalar-prefetched into SMEM; the pages stay in HBM (memory_space ANY) and each loop step
+DMAs `pages_per_block` pages of keys, values and their scales into VMEM scratch, waits,
+and folds the block into an online softmax (float32 scores, max and sum in VMEM values
+carried by the loop).
 
 Dequantization stays in the row layout the scores have ([G, block_t]): scales and offsets
 arrive as [1, block_t] rows, so s = scale_t * (q . c_t) + offset_t * sum(q) and
@@ -16,6 +17,11 @@ code domain: rot(c * s + o) = s * rot(c) + o * rot(1), where rot(1) = (cos - sin
 per half, which adds two small MXU dots instead of a column-layout rescale. cos/sin come
 from the same angle-addition tables as the GPU kernel (reference.py's angle up to a few
 float32 ulps).
+
+Per-channel keys (KIVI, `key_group`): each page's grid rows (f32 [page / key_group, H])
+are DMA'd with it and the key block is dequantized in float32 before the dot (each token
+takes its group's row); RoPE, if any, then rotates the float keys. `return_lse` adds the
+softmax's running max and sum as outputs, from which the wrapper forms the log-sum-exp.
 
 Masking by `where` only; page ids are clamped into the pool by the wrapper. No double
 buffering of the DMAs yet.
@@ -48,21 +54,26 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _NT = (((1,), (1,)), ((), ()))
 
 
-def _kernel(len_ref, tab_ref, *refs, bits, rope: bool, ps: int, ppb: int,
-            pages_padded: int, h: int, scale: float, softcap, window, cdt, precision):
+def _kernel(len_ref, start_ref, tab_ref, *refs, bits, key_group, rope: bool, ps: int,
+            ppb: int, pages_padded: int, h: int, scale: float, softcap, window, cdt,
+            precision, return_lse: bool):
   quant = bits is not None
+  token_keys = quant and key_group is None  # per-token grids folded into the scores
   it = iter(refs)
   q_ref = next(it)  # [G, H]
   k_hbm = next(it)  # [K, P, page, H'] in HBM
-  ks_hbm, ko_hbm = (next(it), next(it)) if quant else (None, None)  # f32[K, P, 1, page]
+  # f32[K, P, 1, page] per token, or f32[K, P, page / key_group, H] per channel
+  ks_hbm, ko_hbm = (next(it), next(it)) if quant else (None, None)
   v_hbm = next(it)
   vs_hbm, vo_hbm = (next(it), next(it)) if quant else (None, None)
   if rope:
     # f32[page, H/2] x2, f32[ppb, H/2] x2 (angle-addition tables), f32[1, H/2] inv_freq
     cos_ref, sin_ref, pcos_ref, psin_ref, f_ref = (next(it) for _ in range(5))
-  o_ref = next(it)  # [G, H]
+  o_ref = next(it)  # [G, H] (f32 with return_lse)
+  m_ref, l_ref = (next(it), next(it)) if return_lse else (None, None)  # f32[G, 1]
   kbuf, vbuf = next(it), next(it)  # [T, H']
-  sbufs = tuple(next(it) for _ in range(4)) if quant else ()  # f32[1, T] each
+  # f32[1, T] each; per channel the key grids are f32[ppb * page / key_group, H]
+  sbufs = tuple(next(it) for _ in range(4)) if quant else ()
   sem = next(it)  # DMA semaphores [6]
 
   b, kv = pl.program_id(0), pl.program_id(1)
@@ -72,7 +83,7 @@ def _kernel(len_ref, tab_ref, *refs, bits, rope: bool, ps: int, ppb: int,
   n_pages = lax.div(length + (ps - 1), ps)
   n_blocks = lax.div(n_pages + (ppb - 1), ppb)
   if window is not None:
-    lo_pos = jnp.maximum(length - window, 0)
+    lo_pos = start_ref[b]
     i0 = lax.div(lax.div(lo_pos, ps), ppb)
   else:
     lo_pos, i0 = None, jnp.int32(0)
@@ -95,8 +106,12 @@ def _kernel(len_ref, tab_ref, *refs, bits, rope: bool, ps: int, ppb: int,
       out.append(pltpu.make_async_copy(v_hbm.at[kv, page], vbuf.at[rows], sem.at[1]))
       if quant:
         for n, (src, dst) in enumerate(zip((ks_hbm, ko_hbm, vs_hbm, vo_hbm), sbufs)):
-          out.append(pltpu.make_async_copy(src.at[kv, page], dst.at[:, rows],
-                                           sem.at[2 + n]))
+          if key_group is not None and n < 2:
+            npg = ps // key_group
+            dst = dst.at[pl.ds(j * npg, npg)]
+          else:
+            dst = dst.at[:, rows]
+          out.append(pltpu.make_async_copy(src.at[kv, page], dst, sem.at[2 + n]))
     return out
 
   def codes_of(buf):
@@ -106,6 +121,16 @@ def _kernel(len_ref, tab_ref, *refs, bits, rope: bool, ps: int, ppb: int,
       w = x.astype(jnp.int32)
       return [(w & 0xF).astype(jnp.float32), (w >> 4).astype(jnp.float32)]
     return [x.astype(jnp.float32)]
+
+  def dequantize_channels(parts, ks, ko):
+    """Key code parts (halves or whole) -> float keys: each token takes the grid row
+    (ks, ko f32[ppb * page / key_group, H]) of its group."""
+    def rows(x):  # [ppb * page / key_group, H] -> [T, H]
+      return jnp.broadcast_to(x[:, None, :], (x.shape[0], key_group, h)).reshape(bt, h)
+    ks, ko = rows(ks), rows(ko)
+    if len(parts) == 1:
+      return [parts[0] * ks + ko]
+    return [parts[0] * ks[:, :h2] + ko[:, :h2], parts[1] * ks[:, h2:] + ko[:, h2:]]
 
   def body(i, carry):
     acc, m_prev, l_prev = carry
@@ -126,7 +151,9 @@ def _kernel(len_ref, tab_ref, *refs, bits, rope: bool, ps: int, ppb: int,
 
     kparts = codes_of(kbuf)
     if quant:
-      ks, ko, vs, vo = (s_[...] for s_ in sbufs)  # f32[1, T]
+      ks, ko, vs, vo = (s_[...] for s_ in sbufs)  # f32[1, T] (keys per channel: [., H])
+    if key_group is not None:
+      kparts = dequantize_channels(kparts, ks, ko)
     if rope:
       k1, k2 = kparts if bits == 4 else (kparts[0][:, :h2], kparts[0][:, h2:])
       ang0 = (pstart * ps).astype(jnp.float32) * f_ref[...]  # [1, H/2]
@@ -138,7 +165,7 @@ def _kernel(len_ref, tab_ref, *refs, bits, rope: bool, ps: int, ppb: int,
       r1 = (k1 * cos - k2 * sin).astype(cdt)
       r2 = (k2 * cos + k1 * sin).astype(cdt)
       s = dot_nt(q1, r1) + dot_nt(q2, r2)
-      if quant:  # rot(c * s + o) = s * rot(c) + o * rot(1)
+      if token_keys:  # rot(c * s + o) = s * rot(c) + o * rot(1)
         ones = dot_nt(q1, (cos - sin).astype(cdt)) + dot_nt(q2, (cos + sin).astype(cdt))
         s = s * ks + ones * ko
     else:
@@ -146,7 +173,7 @@ def _kernel(len_ref, tab_ref, *refs, bits, rope: bool, ps: int, ppb: int,
         s = dot_nt(q1, kparts[0].astype(cdt)) + dot_nt(q2, kparts[1].astype(cdt))
       else:
         s = dot_nt(qc, kparts[0].astype(cdt))
-      if quant:
+      if token_keys:
         s = s * ks + qsum * ko
     s = s * scale
     if softcap is not None:
@@ -172,9 +199,12 @@ def _kernel(len_ref, tab_ref, *refs, bits, rope: bool, ps: int, ppb: int,
   g = q_ref.shape[0]
   init = (jnp.zeros((g, h), jnp.float32), jnp.full((g, 1), MASK_VALUE, jnp.float32),
           jnp.zeros((g, 1), jnp.float32))
-  acc, _, l = lax.fori_loop(i0, n_blocks, body, init)
+  acc, m, l = lax.fori_loop(i0, n_blocks, body, init)
   out = jnp.where(l > 0, acc / jnp.where(l > 0, l, 1.0), 0.0)
   o_ref[...] = out.astype(o_ref.dtype)
+  if return_lse:
+    m_ref[...] = m
+    l_ref[...] = l
 
 
 def check_supported(q, k_pages, *, bits) -> None:
@@ -186,16 +216,20 @@ def check_supported(q, k_pages, *, bits) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "bits", "scale", "logit_softcap", "sliding_window", "block_sizes", "interpret"))
+    "bits", "scale", "logit_softcap", "sliding_window", "key_group", "return_lse",
+    "block_sizes", "interpret"))
 def decode_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None,
                      k_offsets=None, v_scales=None, v_offsets=None, bits=None,
                      scale: float, logit_softcap: float | None = None,
                      sliding_window: int | None = None, rope_inv_freq=None,
-                     block_sizes: TpuBlockSizes | None = None, interpret=False):
+                     key_group: int | None = None, return_lse: bool = False,
+                     query_positions=None, block_sizes: TpuBlockSizes | None = None,
+                     interpret=False):
   """Paged decode attention on the TPU; see `reference.decode_attention`."""
   reference.validate_inputs(q, k_pages, v_pages, lengths, page_table, k_scales, k_offsets,
                             v_scales, v_offsets, bits=bits, rope_inv_freq=rope_inv_freq,
-                            sliding_window=sliding_window)
+                            sliding_window=sliding_window, key_group=key_group,
+                            query_positions=query_positions)
   check_supported(q, k_pages, bits=bits)
   rope = rope_inv_freq is not None
   quant = bits is not None
@@ -212,13 +246,16 @@ def decode_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None,
 
   table = jnp.clip(page_table.astype(jnp.int32), 0, num_pages - 1)
   table = jnp.pad(table, ((0, 0), (0, pages_padded - pps))).reshape(-1)
+  starts = (jnp.zeros((b,), jnp.int32) if sliding_window is None else
+            reference.window_starts(lengths, query_positions, sliding_window))
   qg = q.reshape(b, kh, g, h)
   anyspec = pl.BlockSpec(memory_space=_ANY)
   args = [qg, k_pages]
   specs = [pl.BlockSpec((None, None, g, h), lambda i, j, *_: (i, j, 0, 0)), anyspec]
   as_rows = lambda a: a.reshape(kh, num_pages, 1, ps)
   if quant:
-    args += [as_rows(k_scales), as_rows(k_offsets)]
+    key_rows = as_rows if key_group is None else (lambda a: a)
+    args += [key_rows(k_scales), key_rows(k_offsets)]
     specs += [anyspec, anyspec]
   args.append(v_pages)
   specs.append(anyspec)
@@ -235,22 +272,33 @@ def decode_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None,
     specs.append(pl.BlockSpec((1, h // 2), lambda i, j, *_: (0, 0)))
   scratch = [pltpu.VMEM((bt, hc), k_pages.dtype), pltpu.VMEM((bt, hc), v_pages.dtype)]
   if quant:
-    scratch += [pltpu.VMEM((1, bt), jnp.float32) for _ in range(4)]
+    key_grid = (1, bt) if key_group is None else (ppb * ps // key_group, h)
+    scratch += [pltpu.VMEM(key_grid, jnp.float32) for _ in range(2)]
+    scratch += [pltpu.VMEM((1, bt), jnp.float32) for _ in range(2)]
   scratch.append(pltpu.SemaphoreType.DMA((6,)))
 
   kernel = functools.partial(
-      _kernel, bits=bits, rope=rope, ps=ps, ppb=ppb, pages_padded=pages_padded, h=h,
-      scale=float(scale), softcap=logit_softcap, window=sliding_window, cdt=cdt,
-      precision=precision)
-  out = pl.pallas_call(
+      _kernel, bits=bits, key_group=key_group, rope=rope, ps=ps, ppb=ppb,
+      pages_padded=pages_padded, h=h, scale=float(scale), softcap=logit_softcap,
+      window=sliding_window, cdt=cdt, precision=precision, return_lse=return_lse)
+  out_specs = [pl.BlockSpec((None, None, g, h), lambda i, j, *_: (i, j, 0, 0))]
+  out_shape = [jax.ShapeDtypeStruct((b, kh, g, h), jnp.float32 if return_lse else q.dtype)]
+  if return_lse:  # the softmax's max and sum, f32[B, K, G, 1] each
+    out_specs += [pl.BlockSpec((None, None, g, 1), lambda i, j, *_: (i, j, 0, 0))] * 2
+    out_shape += [jax.ShapeDtypeStruct((b, kh, g, 1), jnp.float32)] * 2
+  outs = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2, grid=(b, kh), in_specs=specs,
-          out_specs=pl.BlockSpec((None, None, g, h), lambda i, j, *_: (i, j, 0, 0)),
+          num_scalar_prefetch=3, grid=(b, kh), in_specs=specs, out_specs=out_specs,
           scratch_shapes=scratch),
-      out_shape=jax.ShapeDtypeStruct((b, kh, g, h), q.dtype),
+      out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
       interpret=interpret,
-      name=f"decode_attention_tpu_bits{bits or 16}{'_rope' if rope else ''}",
-  )(lengths.astype(jnp.int32), table, *args)
-  return out.reshape(b, n, h)
+      name=(f"decode_attention_tpu_bits{bits or 16}"
+            f"{'' if key_group is None else f'_keygroup{key_group}'}"
+            f"{'_rope' if rope else ''}"),
+  )(lengths.astype(jnp.int32), starts, table, *args)
+  out = outs[0].reshape(b, n, h)
+  if return_lse:
+    return out, reference.lse_of(outs[1], outs[2]).reshape(b, n)
+  return out
