@@ -16,6 +16,8 @@ Dispatch (measured on an H200, bench/results/kv_attention.md):
   * quantized caches (8 and 4 bits: per-token grids, and KIVI's per-channel keys with the
     float window merged by log-sum-exp) decode through `paged_decode_attention`; 2-bit
     caches read back to float.
+  * Palu latent caches decode through `latent_decode_attention` (K rebuilt from latents
+    inside the kernel).
 Everywhere else, for logit softcaps (which cuDNN does not take) and for sliding-window
 decode, the reference runs.
 """
@@ -26,6 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.decode_attention import api as decode_attention_api
+from pallas_kernels.decode_attention.reference import rope_rotate
+from pallas_kernels.latent_decode_attention import api as latent_decode_attention_api
 
 
 def attention_mask(q_positions: jax.Array, k_positions: jax.Array,
@@ -135,7 +139,6 @@ def paged_decode_attention(q: jax.Array, cache, length, *, scale: float,
   XLA reference as float pages of their own, and the two softmaxes are merged exactly:
   softmax over the union = each part's output weighted by exp(its lse - the union's lse).
   """
-  from pallas_kernels.decode_attention.reference import rope_rotate
   b = q.shape[0]
   pages = cache.pages()
   k_pages, v_pages, table = (pages.pop(name) for name in ("k_pages", "v_pages", "page_table"))
@@ -168,3 +171,34 @@ def paged_decode_attention(q: jax.Array, cache, length, *, scale: float,
   out = out_pages * weight(lse_pages) + out_window * weight(lse_window)
   return out.astype(q.dtype)[:, None]
 
+
+def latent_decode_attention(q: jax.Array, cache, k_up: jax.Array, v_up: jax.Array,
+                            lengths: jax.Array, *, rope_inv_freq, scale: float,
+                            sliding_window: int | None = None,
+                            logit_softcap: float | None = None,
+                            v_bias: jax.Array | None = None) -> jax.Array:
+  """One new token per sequence over a Palu latent cache (`lowbit.latent_cache`, after the
+  token's own write): q [B, 1, N, H] (rotated) -> [B, 1, N, H] in q's dtype.
+
+  `pallas_kernels.latent_decode_attention` rebuilds each key from its latent with k_up
+  [G, gh*H, Rk] (the K factor's `up`), rotates it at its slot with `rope_inv_freq` [H/2]
+  and returns the attention-weighted V latents [B, N, Rv]; the V up-projection v_up
+  [G, gh*H, Rv] is applied here, once per query head instead of once per cached token, and
+  `v_bias` [K*H] after it (the probabilities sum to 1). Keys are rebuilt as up @ latent
+  then rotated, so a layer with a key bias or a key norm (Qwen2, Gemma 3) cannot use this:
+  it rebuilds keys with jnp (models/transformer.py). lengths: int32 [B], tokens in the
+  cache (the new token's position + 1).
+  """
+  weighted = latent_decode_attention_api.latent_decode_attention(
+      q[:, 0], k_up=k_up, lengths=lengths, rope_inv_freq=rope_inv_freq, scale=scale,
+      logit_softcap=logit_softcap, sliding_window=sliding_window, **cache.kernel_inputs())
+  b, n, h = q.shape[0], q.shape[2], q.shape[3]
+  groups, rows, v_rank = v_up.shape
+  group_heads = rows // h
+  # Query head n = (g * gh + j) * (N / K) + i reads kv head g * gh + j.
+  weighted = weighted.reshape(b, groups, group_heads, -1, v_rank)  # [B, G, gh, N/K, Rv]
+  out = jnp.einsum("bgjir,gjhr->bgjih", weighted, v_up.reshape(groups, group_heads, h, v_rank),
+                   precision=jax.lax.Precision.HIGHEST)
+  if v_bias is not None:
+    out = out + v_bias.astype(jnp.float32).reshape(groups, group_heads, 1, h)
+  return out.reshape(b, 1, n, h).astype(q.dtype)

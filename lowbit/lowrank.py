@@ -30,8 +30,9 @@ Invariants (checked by `validate`):
   * latent_bits is None or one of 2, 3, 4; with hadamard, a Hadamard matrix of order rank
     exists (`lowbit.hadamard.has_hadamard`).
 
-Future work: the latent KV cache itself (lowbit.kv_cache) and the fused K reconstruction +
-RoPE decode kernel (SPEC.md 2.2).
+Runtime: `lowrank_latents` and `lowrank_expand` are the two halves of `lowrank_linear`;
+`lowbit.latent_cache.LatentKVCache` stores the latents (quantized by `quantize_latents`, the
+simulation's quantizer) and attention rebuilds K and V from them (models/transformer.py).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import numpy as np
 
 from lowbit.hadamard import has_hadamard
 from lowbit.nn import register_linear_impl
-from lowbit.quantize import fake_quantize
+from lowbit.quantize import group_params, round_to_grid
 
 LATENT_BITS = (None, 2, 3, 4)
 
@@ -131,17 +132,50 @@ def validate(w: LowRankKV) -> None:
                        f"float32{list(shape)}")
 
 
+def lowrank_latents(x: jax.Array, w: LowRankKV) -> jax.Array:
+  """x [..., in] -> float32 latents [..., G, R] (x @ down[g]^T per group): what a latent
+  cache stores for each token."""
+  return jnp.einsum("...i,gri->...gr", x.astype(jnp.float32), w.down,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def lowrank_expand(latents: jax.Array, w: LowRankKV) -> jax.Array:
+  """latents [..., G, R] -> float32 [..., out]: each group's up-projection back to its heads."""
+  y = jnp.einsum("...gr,gor->...go", latents.astype(jnp.float32), w.up,
+                 precision=jax.lax.Precision.HIGHEST)
+  return y.reshape(*latents.shape[:-2], w.shape[0])
+
+
+def quantize_latents(latents: jax.Array, bits: int):
+  """latents [..., R] -> (uint8 codes [..., R], scales [...], offsets [...]) float32, one
+  asymmetric grid per token and group: latent ~ code * scale + offset.
+
+  The grid is `lowbit.quantize`'s asymmetric one (`fake_quantize(..., symmetric=False)`:
+  integer zero point, a constant group widened to include 0), so the codes are those of
+  that simulation; offset = -zero * scale is the form the latent decode kernel reads. The
+  one quantizer of both the simulation (`lowrank_linear`) and the latent cache
+  (`lowbit.latent_cache`), so the two agree bit for bit.
+  """
+  scale, zero = group_params(latents.astype(jnp.float32), bits=bits, symmetric=False,
+                             clip_ratio=1.0)
+  codes = round_to_grid(latents.astype(jnp.float32), scale, zero, bits=bits)
+  return codes.astype(jnp.uint8), scale[..., 0], (-zero * scale)[..., 0]
+
+
+def dequantize_latents(codes: jax.Array, scales: jax.Array, offsets: jax.Array) -> jax.Array:
+  """codes [..., R], scales / offsets [...] -> float32 latents code * scale + offset."""
+  return codes.astype(jnp.float32) * scales[..., None] + offsets[..., None]
+
+
 def lowrank_linear(x: jax.Array, w: LowRankKV) -> jax.Array:
-  """x [..., in] -> latents [..., G, R] -> (fake-quantized per token and group) -> [..., out].
+  """x [..., in] -> latents [..., G, R] -> (quantized per token and group) -> [..., out].
 
   The float32 product, as a latent cache would give it, returned in x's dtype.
   """
-  x32 = x.astype(jnp.float32)
-  latent = jnp.einsum("...i,gri->...gr", x32, w.down, precision=jax.lax.Precision.HIGHEST)
+  latents = lowrank_latents(x, w)
   if w.latent_bits is not None:
-    latent = fake_quantize(latent, bits=w.latent_bits, symmetric=False)
-  y = jnp.einsum("...gr,gor->...go", latent, w.up, precision=jax.lax.Precision.HIGHEST)
-  return y.reshape(*x.shape[:-1], w.shape[0]).astype(x.dtype)
+    latents = dequantize_latents(*quantize_latents(latents, w.latent_bits))
+  return lowrank_expand(latents, w).astype(x.dtype)
 
 
 register_linear_impl(LowRankKV, lowrank_linear)

@@ -19,8 +19,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lowbit.attention import (attention_mask, causal_self_attention, dense_decode_attention,
-                              gqa_attention, paged_decode_attention)
+                              gqa_attention, latent_decode_attention, paged_decode_attention)
 from lowbit.kv_cache import DENSE, KVFormat
+from lowbit.latent_cache import LatentKVCache
+from lowbit.lowrank import LowRankKV, lowrank_expand, lowrank_latents
 from lowbit.nn import Embed, Linear
 from models.config import ModelConfig
 from models.rope import apply_rope, inverse_frequencies
@@ -75,8 +77,23 @@ class Attention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
 
+  def palu_factors(self) -> tuple[LowRankKV, LowRankKV] | None:
+    """The (k_proj, v_proj) weights when Palu factored both (the cache then holds latents)."""
+    k_weight, v_weight = self.k_proj.weight.get_value(), self.v_proj.weight.get_value()
+    if isinstance(k_weight, LowRankKV) and isinstance(v_weight, LowRankKV):
+      return k_weight, v_weight
+    return None
+
   def new_cache(self, batch: int, max_len: int, dtype):
-    return self.kv_format.empty(batch, max_len, self.num_kv_heads, self.head_dim, dtype)
+    factors = self.palu_factors()
+    if factors is None:
+      return self.kv_format.empty(batch, max_len, self.num_kv_heads, self.head_dim, dtype)
+    if self.kv_format.quantized:
+      raise ValueError(f"Palu latents and a quantized KV format do not compose: k_proj and "
+                       f"v_proj are LowRankKV, so the cache holds their latents, but "
+                       f"kv_format={self.kv_format}; use the dense format (the factors' "
+                       f"latent_bits quantize the latents)")
+    return LatentKVCache.for_projections(*factors, batch, max_len, dtype)
 
   def __call__(self, x: jax.Array, positions: jax.Array, cache, prefill: bool):
     """x [B, T, D], positions [T] (consecutive) -> ([B, T, D], updated cache).
@@ -88,18 +105,22 @@ class Attention(nnx.Module):
     Otherwise attention runs over every cache slot read back, masked by position. A
     quantized format without a cache (perplexity, calibration) writes this window into a
     cache of its own and attends over what it reads back: the numbers of a cached run.
+    A Palu latent cache is served by `_latent_attention`.
     """
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     if self.q_norm is not None:
-      q, k = self.q_norm(q), self.k_norm(k)
+      q = self.q_norm(q)
     inv_freq = inverse_frequencies(self.head_dim, *self.rope)
     q = apply_rope(q, positions, inv_freq)
+    if isinstance(cache, LatentKVCache):
+      return self._latent_attention(x, q, positions, cache, prefill, inv_freq)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if self.k_norm is not None:
+      k = self.k_norm(k)
     k_rotated = apply_rope(k, positions, inv_freq)
-    attend = dict(scale=self.scale, sliding_window=self.sliding_window,
-                  logit_softcap=self.logit_softcap)
+    attend = self._attend_options()
     if cache is None and not self.kv_format.quantized:
       return self._output(causal_self_attention(q, k_rotated, v, **attend)), None
     # Slot s of `store` holds position first_position + s; without a cache, a quantized
@@ -122,10 +143,64 @@ class Attention(nnx.Module):
       k_positions = first_position + jnp.arange(keys.shape[1], dtype=positions.dtype)
       if store.keys_before_rope:
         keys = apply_rope(keys, k_positions, inv_freq)
-      mask = attention_mask(positions, k_positions, self.sliding_window)
-      out = gqa_attention(q, keys, values, mask, scale=self.scale,
-                          logit_softcap=self.logit_softcap)
+      out = self._masked_attention(q, keys, values, positions, k_positions)
     return self._output(out), cache
+
+  def _attend_options(self) -> dict:
+    return dict(scale=self.scale, sliding_window=self.sliding_window,
+                logit_softcap=self.logit_softcap)
+
+  def _masked_attention(self, q, keys, values, positions, k_positions):
+    """q [B, T, N, H] at `positions` over rotated keys / values [B, S, K, H] at
+    `k_positions`, causal (and sliding-window) by position."""
+    mask = attention_mask(positions, k_positions, self.sliding_window)
+    return gqa_attention(q, keys, values, mask, scale=self.scale,
+                         logit_softcap=self.logit_softcap)
+
+  def _latent_attention(self, x, q, positions, cache: LatentKVCache, prefill: bool, inv_freq):
+    """Attention through a Palu latent cache: x [B, T, D] and the rotated q [B, T, N, H] ->
+    ([B, T, D], cache).
+
+    The latents of the new tokens are written once (quantized if the factors say so); keys
+    and values come from the latents as cached, so the result is that of the no-cache
+    simulation (`lowrank_linear`). One decode token runs `latent_decode_attention` (keys
+    rebuilt and rotated inside the kernel, values up-projected after the softmax); a layer
+    with a key bias or key norm, whose keys the kernel cannot rebuild, and any T > 1 rebuild
+    K and V with jnp: a prefill from position 0 attends over its own tokens
+    (`causal_self_attention`), anything else over every slot, masked by position.
+    """
+    k_weight, v_weight = self.palu_factors()
+    t = x.shape[1]
+    cache = cache.write(lowrank_latents(x, k_weight), lowrank_latents(x, v_weight),
+                        positions[0], prefill)
+    if t == 1 and self.k_norm is None and self.k_proj.bias is None:
+      v_bias = None if self.v_proj.bias is None else self.v_proj.bias.get_value()
+      out = latent_decode_attention(
+          q, cache, k_weight.up, v_weight.up, jnp.full((x.shape[0],), positions[0] + 1,
+                                                       jnp.int32),
+          rope_inv_freq=jnp.asarray(inv_freq), v_bias=v_bias, **self._attend_options())
+      return self._output(out), cache
+    k_latents, v_latents = cache.read(t if prefill else None)  # [B, S, G, R] float32
+    keys = self._heads_from_latents(self.k_proj, k_latents, x.dtype)
+    values = self._heads_from_latents(self.v_proj, v_latents, x.dtype)
+    if self.k_norm is not None:
+      keys = self.k_norm(keys)
+    if prefill:
+      keys = apply_rope(keys, positions, inv_freq)
+      out = causal_self_attention(q, keys, values, **self._attend_options())
+    else:
+      k_positions = jnp.arange(keys.shape[1], dtype=positions.dtype)
+      keys = apply_rope(keys, k_positions, inv_freq)
+      out = self._masked_attention(q, keys, values, positions, k_positions)
+    return self._output(out), cache
+
+  def _heads_from_latents(self, projection: Linear, latents, dtype):
+    """Latents [B, S, G, R] -> the projection's output [B, S, K, H] in `dtype` (as its
+    `Linear` would give it: up-projection, cast, bias)."""
+    y = lowrank_expand(latents, projection.weight.get_value()).astype(dtype)
+    if projection.bias is not None:
+      y = y + projection.bias.get_value().astype(dtype)
+    return y.reshape(*latents.shape[:2], self.num_kv_heads, self.head_dim)
 
   def _output(self, attention_out: jax.Array) -> jax.Array:
     """[B, T, N, H] -> o_proj -> [B, T, D]."""
