@@ -302,7 +302,8 @@ class Runner:
   def markdown(self, path, elapsed):
     lines = [f"# {BENCH} ({self.writer.card}, jax {jax.__version__}, "
              f"{elapsed:.0f} s)", "",
-             "Llama-3-8B attention (N=32, K=8, H=128), Palu gh=4 (G=2), Rk=Rv=256, RoPE; "
+             f"Llama-3-8B attention (N={SHAPE['n']}, K={SHAPE['kv']}, H={SHAPE['h']}), Palu "
+             f"gh={SHAPE['gh']} (G={SHAPE['kv'] // SHAPE['gh']}), Rk=Rv={SHAPE['rank']}, RoPE; "
              "latent ops include the V up-projection einsum. ratio = "
              f"{BASELINE} / impl (> 1: faster than the bf16 decode attention).", "",
              "| B | context | impl | us | ratio | GB/s | frac. of read BW "
@@ -333,6 +334,8 @@ def main(argv=None):
   p.add_argument("--block-sizes", default=None)
   p.add_argument("--contexts", default=None)
   p.add_argument("--batches", default=None)
+  p.add_argument("--group-heads", type=int, default=None,
+                 help="kv heads per Palu group (rank stays 50%%: gh * H / 2)")
   p.add_argument("--sweep", action="store_true", help="latent kernel tilings")
   p.add_argument("--cpu-smoke", action="store_true",
                  help="tiny shapes, Pallas in interpret mode (checks the script)")
@@ -342,6 +345,8 @@ def main(argv=None):
     SHAPE.update(n=8, kv=4, h=32, gh=2, rank=32, page=16)
     CONTEXTS, BATCHES, CALL_BYTES = (64,), (1, 2), 1
     args.iters = 2
+  if args.group_heads:
+    SHAPE.update(gh=args.group_heads, rank=args.group_heads * SHAPE["h"] // 2)
   if args.contexts:
     CONTEXTS = tuple(int(x) for x in args.contexts.split(","))
   if args.batches:
