@@ -236,6 +236,7 @@ def test_generator_runs_quantized_caches():
 def test_recipes_choose_the_kv_format():
   from lowbit.recipes import compress, recipe_kv_format, settings_of
   assert recipe_kv_format("atom-w4a4") == KV_FORMATS["kv4-atom"]
+  assert recipe_kv_format("quarot-w4a4") == KV_FORMATS["kv4"]
   assert recipe_kv_format("w4a16", {"kv_cache": "kv4"}) == KV_FORMATS["kv4"]
   assert recipe_kv_format("kv2") == KV_FORMATS["kv2"]
   assert recipe_kv_format("rtn") == KV_FORMATS["dense"]
