@@ -35,7 +35,7 @@ from flax import nnx
 from bench import common
 from bench.float_baseline import (build_on_device, llama3_8b_config, parameter_bytes,
                                   tiny_config, weight_bytes_per_step)
-from lowbit.kv_cache import KV_FORMATS, DenseKVCache, QuantizedKVCache
+from lowbit.kv_cache import KV_FORMATS, QuantizedKVCache
 from models import generate
 from models.transformer import DecoderLM
 
@@ -81,13 +81,13 @@ def random_cache(model: DecoderLM, batch: int, max_len: int, context: int, seed:
 
 
 def live_cache_bytes(cache, context: int) -> int:
-  """Bytes of the first `context` slots of every layer's cache (codes and grids)."""
+  """Bytes of the first `context` slots of every layer's cache (codes and grids; per-channel
+  key grids cover key_group slots each, so every leaf counts its share context / max_len)."""
   total = 0
   for layer in cache:
     for name, leaf in vars(layer).items():
       if isinstance(leaf, jax.Array) and leaf.ndim >= 3 and name != "k_window":
-        slot_axis = 1 if isinstance(layer, DenseKVCache) else 2
-        total += leaf.nbytes // leaf.shape[slot_axis] * context
+        total += leaf.nbytes * context // layer.max_len
   return total
 
 
