@@ -70,17 +70,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.decode_attention import reference
 from pallas_kernels.decode_attention.config import BlockSizes, MIN_DOT_DIM, next_pow2
 from pallas_kernels.decode_attention.config import split_layout
-
-# jax 0.10 / 0.11 call it CompilerParams; older releases called it TritonCompilerParams.
-# Passing it explicitly keeps the Triton lowering: recent JAX lowers a bare pallas_call
-# through Mosaic GPU.
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(
-    plgpu, "TritonCompilerParams")
+from pallas_kernels.triton_params import TritonCompilerParams
 
 # Masked scores: finite (as jax's own paged attention), so that exp(mask - max) is 0 and
 # never exp(-inf - -inf) = NaN for a program that has not met a visible key yet.
@@ -104,7 +98,7 @@ def _uint_as_float(x, dtype, max_value: int):
   return lax.bitcast_convert_type(x, dtype) - jnp.asarray(value, dtype)
 
 
-def _nibbles(packed, dtype):
+def nibbles(packed, dtype):
   """uint8 [R, C] "halves" packed -> (low, high) [R, C] in dtype holding the exact codes."""
   itype = _MAGIC[jnp.dtype(dtype)][2]
   w = packed.astype(itype) & 0xFF
@@ -202,7 +196,7 @@ def _kernel(*refs, bits, key_group, rope: bool, ps: int, ppb: int, pages_per_spl
     # -- scores [Gp, T]
     if rope:
       if bits == 4:
-        k1, k2 = _nibbles(k_ref[ids].reshape(bt, h2), jnp.float32)
+        k1, k2 = nibbles(k_ref[ids].reshape(bt, h2), jnp.float32)
       else:
         k1 = k_ref[ids, :, pl.ds(0, h2)].reshape(bt, h2)
         k2 = k_ref[ids, :, pl.ds(h2, h2)].reshape(bt, h2)
@@ -228,7 +222,7 @@ def _kernel(*refs, bits, key_group, rope: bool, ps: int, ppb: int, pages_per_spl
       s = _dot_nt(q1, r1, precision) + _dot_nt(q2, r2, precision)
     elif key_group is not None:
       if bits == 4:
-        k1, k2 = _nibbles(k_ref[ids].reshape(bt, h2), jnp.float32)
+        k1, k2 = nibbles(k_ref[ids].reshape(bt, h2), jnp.float32)
         k1, k2 = dequantize_channels(k1, ids, 0), dequantize_channels(k2, ids, h2)
         s = (_dot_nt(q1, k1.astype(cdt), precision)
              + _dot_nt(q2, k2.astype(cdt), precision))
@@ -237,7 +231,7 @@ def _kernel(*refs, bits, key_group, rope: bool, ps: int, ppb: int, pages_per_spl
         s = _dot_nt(qf, k.astype(cdt), precision)
     else:
       if bits == 4:
-        c1, c2 = _nibbles(k_ref[ids].reshape(bt, h2), cdt)
+        c1, c2 = nibbles(k_ref[ids].reshape(bt, h2), cdt)
         s = _dot_nt(q1, c1, precision) + _dot_nt(q2, c2, precision)
       else:
         k = k_ref[ids].reshape(bt, h)
@@ -265,7 +259,7 @@ def _kernel(*refs, bits, key_group, rope: bool, ps: int, ppb: int, pages_per_spl
       pv = (p * vs[None, :]).astype(cdt)
       bias = jnp.sum(p * vo[None, :], axis=1)[:, None]
       if bits == 4:
-        c1, c2 = _nibbles(v_ref[ids].reshape(bt, h2), cdt)
+        c1, c2 = nibbles(v_ref[ids].reshape(bt, h2), cdt)
         parts = (jnp.dot(pv, c1, preferred_element_type=jnp.float32, precision=precision),
                  jnp.dot(pv, c2, preferred_element_type=jnp.float32, precision=precision))
       else:
@@ -412,7 +406,7 @@ def decode_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None,
       out_shape=[jax.ShapeDtypeStruct((b, kh, splits, gp, h), f32),
                  jax.ShapeDtypeStruct((b, kh, splits, gp), f32),
                  jax.ShapeDtypeStruct((b, kh, splits, gp), f32)],
-      compiler_params=_CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+      compiler_params=TritonCompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
       interpret=interpret,
       name=(f"decode_attention_bits{bits or 16}"
             f"{'' if key_group is None else f'_keygroup{key_group}'}"

@@ -37,7 +37,7 @@ Design (flash-decoding):
     are the sum over j of the per-head dots. The value dot [M, T] x [T, Rv] serves all
     queries of the group at once (they share the V latent).
   * 4-bit latents: codes unpacked in registers into their two halves (decode_attention's
-    _nibbles, exact as bf16 / f32), and dequantization folded where linear:
+    nibbles, exact as bf16 / f32), and dequantization folded where linear:
     key = s_t * (codes @ up^T) + o_t * rowsum(up), with rowsum(up) [gh*H] precomputed;
     values as decode_attention: (p * vscale) @ codes + sum_t(p * voffset) in float16.
   * masking by `where` only: scores of invisible slots to a large negative finite value,
@@ -73,10 +73,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.decode_attention.config import MIN_DOT_DIM, next_pow2
-from pallas_kernels.decode_attention.gpu import MASK_VALUE, _CompilerParams, _nibbles
+from pallas_kernels.decode_attention.gpu import MASK_VALUE, nibbles
 from pallas_kernels.decode_attention.gpu import combine_splits
 from pallas_kernels.latent_decode_attention import reference
 from pallas_kernels.latent_decode_attention.config import BlockSizes
+from pallas_kernels.triton_params import TritonCompilerParams
 
 
 def _dot(a, b, precision, *, nt=False):
@@ -129,7 +130,7 @@ def _kernel(*refs, bits, rope: bool, gh: int, h: int, bt: int, slots_per_split: 
 
     # -- latents [T, Rk] (two code halves [T, Rk/2] for 4 bits)
     if bits:
-      lat = _nibbles(k_ref[rows, :], cdt)
+      lat = nibbles(k_ref[rows, :], cdt)
       ks, ko = ks_ref[rows][:, None], ko_ref[rows][:, None]  # f32 [T, 1]
     else:
       lat = (k_ref[rows, :].astype(cdt),)
@@ -180,7 +181,7 @@ def _kernel(*refs, bits, rope: bool, gh: int, h: int, bt: int, slots_per_split: 
       vs = jnp.where(valid, vs_ref[rows], 0.0)
       vo = jnp.where(valid, vo_ref[rows], 0.0)
       pv = (p * vs[None, :]).astype(vdt)
-      c1, c2 = _nibbles(v_ref[rows, :], vdt)
+      c1, c2 = nibbles(v_ref[rows, :], vdt)
       bias = jnp.sum(p * vo[None, :], axis=1)[:, None]
       parts = (_dot(pv, c1, precision) + bias, _dot(pv, c2, precision) + bias)
     else:
@@ -304,7 +305,7 @@ def latent_decode_attention(q, k_latents, v_latents, k_up, lengths, *, rope_inv_
       out_shape=[jax.ShapeDtypeStruct((b, g, splits, mp, rv), f32),
                  jax.ShapeDtypeStruct((b, g, splits, mp), f32),
                  jax.ShapeDtypeStruct((b, g, splits, mp), f32)],
-      compiler_params=_CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+      compiler_params=TritonCompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
       interpret=interpret,
       name=f"latent_decode_attention_bits{bits or 16}{'_rope' if rope else ''}",
   )(*args)

@@ -63,12 +63,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.quantized_matmul import reference
 from pallas_kernels.quantized_matmul.config import BlockSizes
-
-# jax 0.10 / 0.11 call it CompilerParams; older releases called it TritonCompilerParams.
-# Passing it explicitly keeps the Triton lowering: recent JAX lowers a bare pallas_call
-# through Mosaic GPU.
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(
-    plgpu, "TritonCompilerParams")
+from pallas_kernels.triton_params import TritonCompilerParams
 
 # bf16 bit patterns of 128.0 (0x4300): OR-ing a nibble u into the low mantissa bits gives
 # exactly 128 + u (bf16 has 7 mantissa bits, so its unit in [128, 256) is 1). For a
@@ -80,7 +75,7 @@ _BIAS_SIGNED = 136.0
 
 
 def _compiler_params(bs: BlockSizes):
-  return _CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
+  return TritonCompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
 
 
 def _tile_ids(pid, tiles_m: int, tiles_n: int, group_m: int):
