@@ -19,6 +19,7 @@ from flax import nnx
 
 from lowbit.qtensor import QTensor, apply_input_transform, dequantize
 from lowbit.quantize import fake_quantize
+from pallas_kernels.activation_quant import api as activation_quant
 from pallas_kernels.quantized_matmul import api as quantized_matmul
 
 # Leaf type -> function(x [..., in], weight) -> [..., out]. Formats register themselves here.
@@ -71,19 +72,94 @@ def qtensor_linear(x: jax.Array, q: QTensor) -> jax.Array:
 
   Weight-only 4/8-bit formats without outlier tail or permutation (W4A16, W8A16) run the
   quantized matmul of `pallas_kernels` (its Pallas kernel on GPU/TPU where it serves the
-  shape, its XLA reference elsewhere). Every other format runs the simulation: the weight
-  is dequantized in the original channel order and multiplied as a dense weight, after
-  the activation quantizer the QTensor names (in the stored channel order), so the result
-  is exactly that of the fake-quantized float model.
+  shape, its XLA reference elsewhere).
+
+  On a GPU or TPU backend (`jax.default_backend()` decides; there is no switch), W8A8 and
+  Atom's W4A4 run in integers (`integer_linear`) where the QTensor's layout is what the
+  integer kernels take (`integer_format`) and, for W4A4, the backend's Pallas kernel
+  serves the shape (e.g. Triton needs group_size / 2 a power of two >= 16; SmolLM2's
+  groups of 112 do not qualify).
+
+  Every other case, and everything on the CPU, runs the simulation: the weight is
+  dequantized in the original channel order and multiplied as a dense weight, after the
+  activation quantizer the QTensor names (in the stored channel order), so the result is
+  exactly that of the fake-quantized float model (what the accuracy results measure). The
+  integer path computes the same products, exactly in int32, and differs from it only by
+  the float rounding of the rescale and of the simulation's float dot.
   """
   x = apply_input_transform(x, q)
   if q.act_quant is None and not q.num_outliers and q.perm is None and q.bits in (4, 8):
     y = quantized_matmul.weight_only_matmul(x.reshape(-1, x.shape[-1]), q.codes, q.scales,
                                             q.zeros, bits=q.bits, group_size=q.group_size)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+  backend = jax.default_backend()
+  fmt = integer_format(q)
+  if backend in ("gpu", "tpu") and fmt is not None:
+    # W8A8 may end at XLA's own int8 dot; W4A4 only runs the Pallas kernel (XLA's
+    # reference loops over the groups), else the simulation below.
+    implementation = None if fmt == "w8a8" else f"pallas_{backend}"
+    try:
+      return integer_linear(x, q, implementation=implementation)
+    except NotImplementedError:
+      pass  # no kernel serves this shape: simulate
   if q.act_quant is not None:
     x = _fake_quantize_input(x, q)
   return linear(x, dequantize(q, transformed=True))
+
+
+def integer_format(q: QTensor) -> str | None:
+  """"w8a8", "w4a4" or None: whether q's layout is what the integer kernels take.
+
+  "w8a8": int8 symmetric codes [N, K] with one scale per output channel (one group over
+  the row), no outlier tail, act_quant "int8_token" (`quantized_matmul.int8_matmul`).
+  "w4a4": 4-bit symmetric codes packed in q's groups ("group_halves"), optionally an int8
+  tail and a perm, act_quant "int4_group" (`quantized_matmul.w4a4_matmul`). Both keep the
+  contraction axis minor, as every QTensor does.
+  """
+  if q.zeros is not None:
+    return None
+  if (q.act_quant == "int8_token" and q.bits == 8 and not q.num_outliers
+      and q.group_size == q.main_width):
+    return "w8a8"
+  if q.act_quant == "int4_group" and q.bits == 4:
+    return "w4a4"
+  return None
+
+
+def integer_linear(x: jax.Array, q: QTensor, *, implementation=None,
+                   interpret=False) -> jax.Array:
+  """x [..., K] (in q's input-transform basis) times a W8A8 or W4A4 QTensor in integers:
+  `activation_quant.quantize_activations` (gather by q.perm, per-token grids clipped at
+  q.act_clip, the int8 tail), then `quantized_matmul.int8_matmul` or `w4a4_matmul` (int32
+  accumulation, the rescale fused) -> [..., N] in the simulation's dtype.
+
+  `implementation` and `interpret` reach both ops (`qtensor_linear` picks them; tests pin
+  "xla" or a Pallas kernel in interpret mode). Raises ValueError for a QTensor that
+  `integer_format` refuses, NotImplementedError where no requested implementation serves.
+  """
+  fmt = integer_format(q)
+  if fmt is None:
+    raise ValueError(f"integer_linear: a QTensor with bits={q.bits}, "
+                     f"act_quant={q.act_quant!r}, group_size={q.group_size}, "
+                     f"num_outliers={q.num_outliers}, symmetric={q.symmetric} has no "
+                     "integer kernel")
+  ops = dict(implementation=implementation, interpret=interpret)
+  x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+  out_dtype = jnp.result_type(x.dtype, jnp.dtype(q.dtype))
+  if fmt == "w8a8":
+    a = activation_quant.quantize_activations(x2, bits=8, clip_ratio=q.act_clip,
+                                              perm=q.perm, **ops)
+    y = quantized_matmul.int8_matmul(a.codes, a.scales, q.codes, q.scales,
+                                     out_dtype=out_dtype, **ops)
+  else:
+    a = activation_quant.quantize_activations(
+        x2, bits=4, group_size=q.group_size, clip_ratio=q.act_clip, perm=q.perm,
+        num_outliers=q.num_outliers, **ops)
+    y = quantized_matmul.w4a4_matmul(a.codes, a.scales, q.codes, q.scales,
+                                     a.outlier_codes, a.outlier_scales, q.outlier_codes,
+                                     q.outlier_scales, group_size=q.group_size,
+                                     out_dtype=out_dtype, **ops)
+  return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _fake_quantize_input(x, q):
