@@ -308,7 +308,6 @@ class Bench:
     bf16_bytes = b * ctx * KV_HEADS * HEAD_DIM * 4
     r = int(min(MAX_SETS, max(1, math.ceil(CALL_BYTES / bf16_bytes))))
     iters = args.iters
-    results = {}
 
     def measure(impl, make_set, op, nsets):
       sets = [make_set(i) for i in range(nsets)]

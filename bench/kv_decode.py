@@ -35,7 +35,7 @@ from flax import nnx
 from bench import common
 from bench.float_baseline import (build_on_device, llama3_8b_config, parameter_bytes,
                                   tiny_config, weight_bytes_per_step)
-from lowbit.kv_cache import KV_FORMATS, QuantizedKVCache
+from lowbit.kv_cache import KV_FORMATS
 from models import generate
 from models.transformer import DecoderLM
 

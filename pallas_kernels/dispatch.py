@@ -1,6 +1,6 @@
 """What every op's api.py shares: the backend's default order of implementations, the
-check of an `implementation=` override, and the keyword arguments that reach a Pallas
-implementation.
+check of an `implementation=` override, the keyword arguments that reach a Pallas
+implementation, and the call of the first implementation that serves the case.
 
 `block_sizes=` must be the block-size type of the implementation it reaches (GPU or TPU);
 `interpret=` runs a Pallas kernel on the CPU. XLA implementations take neither.
@@ -8,7 +8,7 @@ implementation.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
@@ -45,3 +45,26 @@ def kernel_kwargs(name: str, block_sizes, interpret, *, gpu_type: type,
                       f"{type(block_sizes).__name__}")
     kwargs["block_sizes"] = block_sizes
   return kwargs
+
+
+def call_first(op: str, names: Sequence[str], fns: Mapping[str, Callable], args: tuple,
+               kwargs: Mapping[str, Any], *, block_sizes, interpret, gpu_type: type,
+               tpu_type: type):
+  """`fns[name](*args, **kwargs)` (plus its kernel keyword arguments) for the first name in
+  `names` that serves the case: an implementation that cannot raises NotImplementedError
+  and the next is tried. With one name its own error propagates; otherwise all are named."""
+  errors = []
+  for name in names:
+    fn = fns.get(name)
+    if fn is None:
+      errors.append(NotImplementedError(f"{op}: no {name} implementation"))
+      continue
+    try:
+      return fn(*args, **kwargs, **kernel_kwargs(name, block_sizes, interpret,
+                                                 gpu_type=gpu_type, tpu_type=tpu_type))
+    except NotImplementedError as e:
+      errors.append(e)
+  if len(names) == 1:
+    raise errors[0]
+  raise NotImplementedError(f"{op}: no implementation in {tuple(names)} serves this case: "
+                            + "; ".join(str(e) for e in errors))

@@ -6,7 +6,6 @@ import gguf
 import numpy as np
 import pytest
 
-from models import hf_names
 from models.loading import parameter_shapes
 from models.config import for_architecture, gemma3_layer_types
 from models.gguf_import import load_gguf, read_gguf

@@ -29,7 +29,7 @@ from pallas_kernels.activation_quant.reference import QuantizedActivations
 # 2-byte loads make it slower than XLA there (H200, K = 4096 / 14336, M = 4096: 0.59x /
 # 0.34x; faster up to M = 256: bench/results/activation_quant.md).
 GPU_PERM_MAX_ROWS = 1024
-from pallas_kernels.dispatch import backend_order, kernel_kwargs, requested_order
+from pallas_kernels.dispatch import backend_order, call_first, requested_order
 
 IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "xla")
 
@@ -81,15 +81,6 @@ def quantize_activations(x: jax.Array, *, bits: int, group_size: int | None = No
   kwargs = dict(bits=bits, group_size=group_size, clip_ratio=float(clip_ratio), perm=perm,
                 num_outliers=num_outliers, rms_norm_weight=rms_norm_weight,
                 eps=float(eps))
-  errors = []
-  for name in names:
-    try:
-      return fns[name](x, **kwargs, **kernel_kwargs(name, block_sizes, interpret,
-                                                    gpu_type=BlockSizes,
-                                                    tpu_type=TpuBlockSizes))
-    except NotImplementedError as e:
-      errors.append(e)
-  if len(names) == 1:
-    raise errors[0]
-  raise NotImplementedError(f"quantize_activations: no implementation in {names} serves "
-                            "this case: " + "; ".join(str(e) for e in errors))
+  return call_first("quantize_activations", names, fns, (x,), kwargs,
+                    block_sizes=block_sizes, interpret=interpret, gpu_type=BlockSizes,
+                    tpu_type=TpuBlockSizes)

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import jax
 
-from pallas_kernels.dispatch import backend_order, kernel_kwargs, requested_order
+from pallas_kernels.dispatch import backend_order, call_first, requested_order
 from pallas_kernels.decode_attention import gpu
 from pallas_kernels.decode_attention import reference
 from pallas_kernels.decode_attention import tpu
@@ -31,11 +31,6 @@ IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "xla")
 def _order(implementation) -> tuple[str, ...]:
   return backend_order() if implementation is None else requested_order(implementation,
                                                                          IMPLEMENTATIONS)
-
-
-def _kernel_kwargs(name: str, block_sizes, interpret) -> dict[str, Any]:
-  return kernel_kwargs(name, block_sizes, interpret, gpu_type=BlockSizes,
-                       tpu_type=TpuBlockSizes)
 
 
 def decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
@@ -100,15 +95,7 @@ def decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                 logit_softcap=logit_softcap, sliding_window=sliding_window,
                 rope_inv_freq=rope_inv_freq, key_group=key_group, return_lse=return_lse,
                 query_positions=query_positions)
-  errors = []
-  for name in names:
-    try:
-      return fns[name](q, k_pages, v_pages, lengths, page_table, **kwargs,
-                       **_kernel_kwargs(name, block_sizes, interpret))
-    except NotImplementedError as e:
-      errors.append(e)
-  if len(names) == 1:
-    raise errors[0]
-  raise NotImplementedError("decode_attention: no implementation in "
-                            f"{names} serves this case: "
-                            + "; ".join(str(e) for e in errors))
+  return call_first("decode_attention", names, fns,
+                    (q, k_pages, v_pages, lengths, page_table), kwargs,
+                    block_sizes=block_sizes, interpret=interpret, gpu_type=BlockSizes,
+                    tpu_type=TpuBlockSizes)

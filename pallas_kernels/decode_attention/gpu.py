@@ -342,7 +342,6 @@ def decode_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None,
                                              channel_keys=channel_keys)
   bs.validate(ps)
   ppb = bs.pages_per_block
-  bt = ppb * ps
   splits, pages_per_split = split_layout(b, kh, pps, bs)
   pages_padded = splits * pages_per_split
   cdt = jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import jax
 
-from pallas_kernels.dispatch import backend_order, kernel_kwargs, requested_order
+from pallas_kernels.dispatch import backend_order, call_first, requested_order
 from pallas_kernels.latent_decode_attention import gpu
 from pallas_kernels.latent_decode_attention import reference
 from pallas_kernels.latent_decode_attention import tpu
@@ -84,16 +84,7 @@ def latent_decode_attention(q: jax.Array, k_latents: jax.Array, v_latents: jax.A
   kwargs = dict(rope_inv_freq=rope_inv_freq, scale=float(scale), k_scales=k_scales,
                 k_offsets=k_offsets, v_scales=v_scales, v_offsets=v_offsets, bits=bits,
                 logit_softcap=logit_softcap, sliding_window=sliding_window)
-  errors = []
-  for name in names:
-    try:
-      return fns[name](q, k_latents, v_latents, k_up, lengths, **kwargs,
-                       **kernel_kwargs(name, block_sizes, interpret,
-                                       gpu_type=BlockSizes, tpu_type=TpuBlockSizes))
-    except NotImplementedError as e:
-      errors.append(e)
-  if len(names) == 1:
-    raise errors[0]
-  raise NotImplementedError("latent_decode_attention: no implementation in "
-                            f"{names} serves this case: "
-                            + "; ".join(str(e) for e in errors))
+  return call_first("latent_decode_attention", names, fns,
+                    (q, k_latents, v_latents, k_up, lengths), kwargs,
+                    block_sizes=block_sizes, interpret=interpret, gpu_type=BlockSizes,
+                    tpu_type=TpuBlockSizes)

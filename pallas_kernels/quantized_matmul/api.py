@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.dispatch import backend_order, kernel_kwargs, requested_order
+from pallas_kernels.dispatch import backend_order, call_first, requested_order
 from pallas_kernels.quantized_matmul import gpu
 from pallas_kernels.quantized_matmul import reference
 from pallas_kernels.quantized_matmul import tpu
@@ -61,28 +61,11 @@ def _order(op: str, implementation, m: int | None = None) -> tuple[str, ...]:
   return requested_order(implementation, IMPLEMENTATIONS)
 
 
-def _kernel_kwargs(name: str, block_sizes, interpret) -> dict[str, Any]:
-  return kernel_kwargs(name, block_sizes, interpret, gpu_type=BlockSizes,
-                       tpu_type=TpuBlockSizes)
-
-
 def _dispatch(op: str, fns: dict[str, Callable], implementation, block_sizes, interpret,
               *args, **kwargs):
-  names = _order(op, implementation, m=args[0].shape[0])
-  errors = []
-  for name in names:
-    fn = fns.get(name)
-    if fn is None:
-      errors.append(NotImplementedError(f"{op}: no {name} implementation"))
-      continue
-    try:
-      return fn(*args, **kwargs, **_kernel_kwargs(name, block_sizes, interpret))
-    except NotImplementedError as e:
-      errors.append(e)
-  if len(names) == 1:
-    raise errors[0]
-  raise NotImplementedError(f"{op}: no implementation in {names} serves this case: "
-                            + "; ".join(str(e) for e in errors))
+  return call_first(op, _order(op, implementation, m=args[0].shape[0]), fns, args, kwargs,
+                    block_sizes=block_sizes, interpret=interpret, gpu_type=BlockSizes,
+                    tpu_type=TpuBlockSizes)
 
 
 def weight_only_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array,
