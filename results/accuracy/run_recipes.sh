@@ -20,3 +20,20 @@ lowbit compress --model smollm2-135m --recipe quarot-w4a4 --calib emma --calib-s
 for recipe in rtn w4a16 w8a8 atom-w4a4 quarot-w4a4; do
   lowbit eval --model "$out/$recipe" "${eval_args[@]}"
 done
+# W4A4 with 4-bit caches (kv_cache setting of the folder overridden at eval time).
+lowbit eval --model "$out/quarot-w4a4" "${eval_args[@]}" --kv-cache kv4
+lowbit eval --model "$out/atom-w4a4" "${eval_args[@]}" --kv-cache kv4
+lowbit eval --model "$out/atom-w4a4" "${eval_args[@]}" --kv-cache kv4-atom
+# seq_len 512, dense cache.
+eval_512=(--text pride-and-prejudice --seq-len 512 --max-tokens 8192 --kv-cache dense --json
+          --out results/accuracy/recipes.jsonl)
+lowbit eval --model smollm2-135m "${eval_512[@]}"
+for recipe in rtn w4a16 w8a8 atom-w4a4 quarot-w4a4; do
+  lowbit eval --model "$out/$recipe" "${eval_512[@]}"
+done
+# Gemma 3 270M (groups of 128; its GGUF weights lie on a 4-bit grid of 32).
+for recipe in w4a16 atom-w4a4 quarot-w4a4; do
+  lowbit compress --model gemma3-270m --recipe "$recipe" --calib emma --calib-samples 16 \
+    --calib-seq-len 512 --out "$out/gemma-$recipe"
+  lowbit eval --model "$out/gemma-$recipe" "${eval_args[@]}" --kv-cache dense
+done
