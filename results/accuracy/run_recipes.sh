@@ -32,8 +32,12 @@ for recipe in rtn w4a16 w8a8 atom-w4a4 quarot-w4a4; do
   lowbit eval --model "$out/$recipe" "${eval_512[@]}"
 done
 # Gemma 3 270M (groups of 128; its GGUF weights lie on a 4-bit grid of 32).
-for recipe in w4a16 atom-w4a4 quarot-w4a4; do
+lowbit compress --model gemma3-270m --recipe w4a16 --calib emma --calib-samples 32 \
+  --calib-seq-len 512 --out "$out/gemma-w4a16"
+for recipe in atom-w4a4 quarot-w4a4; do
   lowbit compress --model gemma3-270m --recipe "$recipe" --calib emma --calib-samples 16 \
     --calib-seq-len 512 --out "$out/gemma-$recipe"
+done
+for recipe in w4a16 atom-w4a4 quarot-w4a4; do
   lowbit eval --model "$out/gemma-$recipe" "${eval_args[@]}" --kv-cache dense
 done
