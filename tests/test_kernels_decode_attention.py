@@ -32,6 +32,7 @@ from pallas_kernels.decode_attention import gpu
 from pallas_kernels.decode_attention import reference as ref
 from pallas_kernels.decode_attention import tpu
 from pallas_kernels.decode_attention.config import BlockSizes, TpuBlockSizes, split_layout
+from kernel_checks import assert_lowers_for_cuda, assert_lowers_for_tpu, rel_err
 
 # Relative (Frobenius) error of a kernel vs the reference on the same pages, by q dtype:
 # f32 runs HIGHEST-precision dots (left: RoPE angles by angle addition, a few f32 ulps of
@@ -48,13 +49,6 @@ REFERENCE_BUDGET = 2e-6
 NAN = float("nan")
 PAGE = 16
 INTERPRET_TPU = pltpu.InterpretParams()
-
-
-def rel_err(out, want) -> float:
-  a = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
-  b = np.asarray(want, np.float64)
-  assert np.all(np.isfinite(a)), "non-finite values in the result"
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def keys(*params, n=8):
@@ -541,14 +535,7 @@ def _lowering_case(impl, bits, rope, page, key_group=None):
     (4, True, 64, 32)])
 def test_gpu_kernel_lowers_for_cuda(bits, rope, page, key_group):
   fn, args = _lowering_case(gpu.decode_attention, bits, rope, page, key_group)
-  try:
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  except Exception as e:  # pylint: disable=broad-except
-    # jaxlib >= 0.11 compiles the Triton IR while lowering, which needs the CUDA plugin.
-    if "gpu" in str(e).lower() and "triton" in str(e).lower() or "cuda" in str(e).lower():
-      pytest.skip(f"this jaxlib cannot lower Triton kernels without a GPU: {e}")
-    raise
-  assert "triton" in text
+  assert_lowers_for_cuda(fn, args)
 
 
 @pytest.mark.parametrize("bits,rope,key_group", [(None, True, None), (4, False, None),
@@ -556,5 +543,4 @@ def test_gpu_kernel_lowers_for_cuda(bits, rope, page, key_group):
 def test_tpu_kernel_lowers_for_tpu(bits, rope, key_group):
   # Page size 32: whole (32, 128) tiles of 8-bit codes for the DMAs.
   fn, args = _lowering_case(tpu.decode_attention, bits, rope, 32, key_group)
-  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
-  assert "tpu_custom_call" in text
+  assert_lowers_for_tpu(fn, args)

@@ -30,6 +30,7 @@ from pallas_kernels.latent_decode_attention import gpu
 from pallas_kernels.latent_decode_attention import reference as ref
 from pallas_kernels.latent_decode_attention import tpu
 from pallas_kernels.latent_decode_attention.config import BlockSizes, TpuBlockSizes
+from kernel_checks import assert_lowers_for_cuda, assert_lowers_for_tpu, rel_err
 
 # Relative (Frobenius) error of a kernel vs the reference on the same latents, by q dtype:
 # f32 runs HIGHEST-precision dots (left: RoPE angles by angle addition, a few f32 ulps);
@@ -40,13 +41,6 @@ REFERENCE_BUDGET = 2e-6
 NAN = float("nan")
 BLOCK = 16
 INTERPRET_TPU = pltpu.InterpretParams()
-
-
-def rel_err(out, want) -> float:
-  a = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
-  b = np.asarray(want, np.float64)
-  assert np.all(np.isfinite(a)), "non-finite values in the result"
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def inv_freq(h, base=10000.0):
@@ -323,18 +317,10 @@ def _lowering_case(impl, bits):
 @pytest.mark.parametrize("bits", [None, 4])
 def test_gpu_kernel_lowers_for_cuda(bits):
   fn, args = _lowering_case(gpu.latent_decode_attention, bits)
-  try:
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  except Exception as e:  # pylint: disable=broad-except
-    # jaxlib >= 0.11 compiles the Triton IR while lowering, which needs the CUDA plugin.
-    if "gpu" in str(e).lower() and "triton" in str(e).lower() or "cuda" in str(e).lower():
-      pytest.skip(f"this jaxlib cannot lower Triton kernels without a GPU: {e}")
-    raise
-  assert "triton" in text
+  assert_lowers_for_cuda(fn, args)
 
 
 @pytest.mark.parametrize("bits", [None, 4])
 def test_tpu_kernel_lowers_for_tpu(bits):
   fn, args = _lowering_case(tpu.latent_decode_attention, bits)
-  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
-  assert "tpu_custom_call" in text
+  assert_lowers_for_tpu(fn, args)

@@ -27,19 +27,13 @@ from pallas_kernels.quantized_matmul import gpu
 from pallas_kernels.quantized_matmul import reference as ref
 from pallas_kernels.quantized_matmul import tpu
 from pallas_kernels.quantized_matmul.config import BlockSizes, TpuBlockSizes
+from kernel_checks import assert_lowers_for_cuda, assert_lowers_for_tpu, rel_err
 
 # Relative (Frobenius) error of the reference on quantized operands vs the float product.
 QUANT_BUDGET = {8: 0.02, 4: 0.2, "fp8": 0.08}
 # Kernel vs reference on the same quantized inputs, by output dtype.
 KERNEL_BUDGET = {jnp.bfloat16: 4e-3, jnp.float32: 1e-5}
 NAN = float("nan")
-
-
-def rel_err(out, want) -> float:
-  a = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
-  b = np.asarray(jnp.asarray(want, jnp.float32), np.float64)
-  assert np.all(np.isfinite(a)), "non-finite values in the result"
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def keys(*params, n=8):
@@ -414,14 +408,7 @@ LOWERING_CASES = {
 @pytest.mark.parametrize("name", sorted(LOWERING_CASES))
 def test_gpu_kernels_lower_for_cuda(name):
   fn, args = LOWERING_CASES[name]
-  try:
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  except Exception as e:  # pylint: disable=broad-except
-    # jaxlib >= 0.11 compiles the Triton IR while lowering, which needs the CUDA plugin.
-    if "gpu" in str(e).lower() and "triton" in str(e).lower() or "cuda" in str(e).lower():
-      pytest.skip(f"this jaxlib cannot lower Triton kernels without a GPU: {e}")
-    raise
-  assert "triton" in text
+  assert_lowers_for_cuda(fn, args)
 
 
 @pytest.mark.parametrize("name,fn,args", [
@@ -437,5 +424,4 @@ def test_gpu_kernels_lower_for_cuda(name):
 ])
 def test_tpu_kernels_lower_for_tpu(name, fn, args):
   del name
-  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
-  assert "tpu_custom_call" in text
+  assert_lowers_for_tpu(fn, args)
