@@ -145,7 +145,8 @@ def _atom(hidden, *, group_size, num_outliers, act_clip, weight_clip, damp, gptq
 
 
 def _quarot(hidden, *, group_size, act_quant, act_clip, weight_clip, damp, gptq, act_order,
-            seed):
+            seed, fold_norms):
+  del fold_norms  # a change of the model, not of each layer: `compress` folds first
   if act_quant not in ("int4_token", "int4_group"):
     raise ValueError(f"quarot-w4a4 {act_quant=} must be 'int4_token' or 'int4_group'")
   seed = None if seed is None else int(seed)
@@ -274,7 +275,7 @@ def compress(model, name: str, calib_windows=None, settings: Mapping[str, Any] |
   settings = settings_of(name, settings)
   del settings["kv_cache"]  # not a weight setting: see recipe_kv_format
   check_model(model)
-  if settings.pop("fold_norms", False):
+  if settings.get("fold_norms"):
     model = fold_norm_scales(model)
   if recipe.needs_calibration and calib_windows is None:
     raise ValueError(f"recipe {name!r} needs calibration windows")
