@@ -41,3 +41,6 @@ done
 for recipe in w4a16 atom-w4a4 quarot-w4a4; do
   lowbit eval --model "$out/gemma-$recipe" "${eval_args[@]}" --kv-cache dense
 done
+# Gemma 3's full W4A4 recipes with their default 4-bit caches.
+lowbit eval --model "$out/gemma-atom-w4a4" "${eval_args[@]}" --kv-cache kv4-atom
+lowbit eval --model "$out/gemma-quarot-w4a4" "${eval_args[@]}" --kv-cache kv4
