@@ -392,19 +392,13 @@ def decode_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None,
       _kernel, bits=bits, key_group=key_group, rope=rope, ps=ps, ppb=ppb,
       pages_per_split=pages_per_split, h=h, scale=float(scale), softcap=logit_softcap,
       window=sliding_window, cdt=cdt, precision=precision)
-  f32 = jnp.float32
+  out_specs, out_shape = split_outputs(b, kh, splits, gp, h)
   o, m, l = pl.pallas_call(
       kernel,
       grid=(b, kh, splits),
       in_specs=specs,
-      out_specs=[
-          pl.BlockSpec((None, None, None, gp, h), lambda i, j, s: (i, j, s, 0, 0)),
-          pl.BlockSpec((None, None, None, gp), lambda i, j, s: (i, j, s, 0)),
-          pl.BlockSpec((None, None, None, gp), lambda i, j, s: (i, j, s, 0)),
-      ],
-      out_shape=[jax.ShapeDtypeStruct((b, kh, splits, gp, h), f32),
-                 jax.ShapeDtypeStruct((b, kh, splits, gp), f32),
-                 jax.ShapeDtypeStruct((b, kh, splits, gp), f32)],
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=TritonCompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
       interpret=interpret,
       name=(f"decode_attention_bits{bits or 16}"
@@ -416,6 +410,20 @@ def decode_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None,
   if return_lse:
     return out, lse.reshape(b, n)
   return out.astype(q.dtype)
+
+
+def split_outputs(batch: int, heads: int, splits: int, rows: int, width: int):
+  """(out_specs, out_shape) of a flash-decoding kernel on the grid (batch, heads, splits):
+  per program its unnormalized output [rows, width] and its running max and sum [rows],
+  float32, which `combine_splits` merges."""
+  f32 = jnp.float32
+  specs = [pl.BlockSpec((None, None, None, rows, width), lambda i, j, s: (i, j, s, 0, 0)),
+           pl.BlockSpec((None, None, None, rows), lambda i, j, s: (i, j, s, 0)),
+           pl.BlockSpec((None, None, None, rows), lambda i, j, s: (i, j, s, 0))]
+  shapes = [jax.ShapeDtypeStruct((batch, heads, splits, rows, width), f32),
+            jax.ShapeDtypeStruct((batch, heads, splits, rows), f32),
+            jax.ShapeDtypeStruct((batch, heads, splits, rows), f32)]
+  return specs, shapes
 
 
 def combine_splits(o, m, l, g: int):

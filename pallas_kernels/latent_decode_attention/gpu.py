@@ -74,8 +74,9 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.decode_attention.config import MIN_DOT_DIM, next_pow2
 from pallas_kernels.decode_attention.gpu import MASK_VALUE, nibbles
-from pallas_kernels.decode_attention.gpu import combine_splits
+from pallas_kernels.decode_attention.gpu import combine_splits, split_outputs
 from pallas_kernels.latent_decode_attention import reference
+from pallas_kernels.latent_decode_attention.layout import pad_slots, query_halves
 from pallas_kernels.latent_decode_attention.config import BlockSizes
 from pallas_kernels.triton_params import TritonCompilerParams
 
@@ -243,22 +244,13 @@ def latent_decode_attention(q, k_latents, v_latents, k_up, lengths, *, rope_inv_
 
   s_pad = -(-s // bt) * bt
   splits, slots_per_split = bs.split_layout(b, g, s_pad)
-  pad = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, s_pad - s)] + [(0, 0)] * (a.ndim - 3))
-  if s_pad != s:
-    k_latents, v_latents = pad(k_latents), pad(v_latents)
-    if bits:
-      k_scales, k_offsets, v_scales, v_offsets = map(
-          pad, (k_scales, k_offsets, v_scales, v_offsets))
+  k_latents, v_latents, k_scales, k_offsets, v_scales, v_offsets = pad_slots(
+      s_pad, k_latents, v_latents, k_scales, k_offsets, v_scales, v_offsets)
   # Queries of group g: rows j * qpk + i (kv head g*gh + j), padded to Mp rows; copy j
   # keeps only head j's rows, split into RoPE halves: [B, G, gh, 2, Mp, H/2].
   m = gh * qpk
   mp = max(MIN_DOT_DIM, next_pow2(m))
-  qg = q.reshape(b, g, m, h)
-  head_of_row = jnp.arange(m) // qpk
-  qj = jnp.where((head_of_row[None, :] == jnp.arange(gh)[:, None])[None, None, :, :, None],
-                 qg[:, :, None], 0).astype(cdt)  # [B, G, gh, M, H]
-  qj = jnp.pad(qj, ((0, 0),) * 3 + ((0, mp - m), (0, 0)))
-  qj = qj.reshape(b, g, gh, mp, 2, h // 2).transpose(0, 1, 2, 4, 3, 5)
+  qj = query_halves(q, groups=g, group_heads=gh, rows=mp, dtype=cdt)
   lens = jnp.minimum(lengths.astype(jnp.int32), s).reshape(b, 1)
 
   kc, vc = k_latents.shape[3], v_latents.shape[3]
@@ -292,19 +284,13 @@ def latent_decode_attention(q, k_latents, v_latents, k_up, lengths, *, rope_inv_
       _kernel, bits=bits, rope=rope, gh=gh, h=h, bt=bt, slots_per_split=slots_per_split,
       scale=float(scale), softcap=logit_softcap, window=sliding_window, cdt=cdt,
       precision=precision)
-  f32 = jnp.float32
+  out_specs, out_shape = split_outputs(b, g, splits, mp, rv)
   o, m_, l_ = pl.pallas_call(
       kernel,
       grid=(b, g, splits),
       in_specs=specs,
-      out_specs=[
-          pl.BlockSpec((None, None, None, mp, rv), lambda i, j, t: (i, j, t, 0, 0)),
-          pl.BlockSpec((None, None, None, mp), lambda i, j, t: (i, j, t, 0)),
-          pl.BlockSpec((None, None, None, mp), lambda i, j, t: (i, j, t, 0)),
-      ],
-      out_shape=[jax.ShapeDtypeStruct((b, g, splits, mp, rv), f32),
-                 jax.ShapeDtypeStruct((b, g, splits, mp), f32),
-                 jax.ShapeDtypeStruct((b, g, splits, mp), f32)],
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=TritonCompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
       interpret=interpret,
       name=f"latent_decode_attention_bits{bits or 16}{'_rope' if rope else ''}",

@@ -42,6 +42,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.decode_attention.tpu import MASK_VALUE
 from pallas_kernels.latent_decode_attention import reference
+from pallas_kernels.latent_decode_attention.layout import pad_slots, query_halves
 from pallas_kernels.latent_decode_attention.config import TpuBlockSizes
 
 _NT = (((1,), (1,)), ((), ()))
@@ -185,20 +186,11 @@ def latent_decode_attention(q, k_latents, v_latents, k_up, lengths, *, rope_inv_
 
   s_pad = -(-s // bt) * bt
   n_tiles = s_pad // bt
-  pad = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, s_pad - s)] + [(0, 0)] * (a.ndim - 3))
-  if s_pad != s:
-    k_latents, v_latents = pad(k_latents), pad(v_latents)
-    if bits:
-      k_scales, k_offsets, v_scales, v_offsets = map(
-          pad, (k_scales, k_offsets, v_scales, v_offsets))
+  k_latents, v_latents, k_scales, k_offsets, v_scales, v_offsets = pad_slots(
+      s_pad, k_latents, v_latents, k_scales, k_offsets, v_scales, v_offsets)
   m = gh * qpk
   mp = -(-m // 8) * 8
-  qg = q.reshape(b, g, m, h)
-  head_of_row = jnp.arange(m) // qpk
-  qj = jnp.where((head_of_row[None, :] == jnp.arange(gh)[:, None])[None, None, :, :, None],
-                 qg[:, :, None], 0).astype(cdt)  # [B, G, gh, M, H]
-  qj = jnp.pad(qj, ((0, 0),) * 3 + ((0, mp - m), (0, 0)))
-  qj = qj.reshape(b, g, gh, mp, 2, h // 2).transpose(0, 1, 2, 4, 3, 5)
+  qj = query_halves(q, groups=g, group_heads=gh, rows=mp, dtype=cdt)
   lens = jnp.minimum(lengths.astype(jnp.int32), s)
   n_code = 2 if bits else 1
   up = k_up.astype(cdt).reshape(g, rows, n_code, rk // n_code).transpose(0, 2, 1, 3)
