@@ -119,6 +119,21 @@ def _dot_nt(a, b, precision):
   return jnp.dot(a, b.T, preferred_element_type=jnp.float32, precision=precision)
 
 
+def softmax_step(s, valid, m_prev, l_prev, *, scale: float, softcap: float | None):
+  """One block of the online softmax: raw scores s f32 [rows, T] of the keys `valid`
+  [T] marks, the running max and sum f32 [rows] -> (p [rows, T], alpha [rows] (the factor
+  that rescales what was accumulated so far), new max, new sum). Scaled, soft-capped, and
+  masked with `where`, so NaN in invalid slots never reaches p."""
+  s = s * scale
+  if softcap is not None:
+    s = jnp.tanh(s / softcap) * softcap
+  s = jnp.where(valid[None, :], s, MASK_VALUE)
+  m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+  alpha = jnp.exp(m_prev - m_new)
+  p = jnp.where(valid[None, :], jnp.exp(s - m_new[:, None]), 0.0)
+  return p, alpha, m_new, alpha * l_prev + jnp.sum(p, axis=1)
+
+
 def _kernel(*refs, bits, key_group, rope: bool, ps: int, ppb: int, pages_per_split: int,
             h: int, scale: float, softcap, window, cdt, precision):
   it = iter(refs)
@@ -240,17 +255,8 @@ def _kernel(*refs, bits, key_group, rope: bool, ps: int, ppb: int, pages_per_spl
       if quant:
         s = s * per_token(ks_ref, ids)[None, :] + qsum[:, None] * per_token(
             ko_ref, ids)[None, :]
-    s = s * scale
-    if softcap is not None:
-      s = jnp.tanh(s / softcap) * softcap
-    vmask = valid[None, :]
-    s = jnp.where(vmask, s, MASK_VALUE)
-
-    # -- online softmax
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
-    alpha = jnp.exp(m_prev - m_new)
-    p = jnp.where(vmask, jnp.exp(s - m_new[:, None]), 0.0)
-    l_new = alpha * l_prev + jnp.sum(p, axis=1)
+    p, alpha, m_new, l_new = softmax_step(s, valid, m_prev, l_prev, scale=scale,
+                                          softcap=softcap)
 
     # -- values
     if quant:

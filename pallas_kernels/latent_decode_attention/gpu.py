@@ -74,7 +74,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.decode_attention.config import MIN_DOT_DIM, next_pow2
 from pallas_kernels.decode_attention.gpu import MASK_VALUE, nibbles
-from pallas_kernels.decode_attention.gpu import combine_splits, split_outputs
+from pallas_kernels.decode_attention.gpu import combine_splits, softmax_step, split_outputs
 from pallas_kernels.latent_decode_attention import reference
 from pallas_kernels.latent_decode_attention.layout import pad_slots, query_halves
 from pallas_kernels.latent_decode_attention.config import BlockSizes
@@ -165,17 +165,8 @@ def _kernel(*refs, bits, rope: bool, gh: int, h: int, bt: int, slots_per_split: 
                   + _dot(q_ref[j, 1], k2.astype(cdt), precision, nt=True))
 
     s = lax.fori_loop(0, gh, head, jnp.zeros((mp, bt), jnp.float32))
-    s = s * scale
-    if softcap is not None:
-      s = jnp.tanh(s / softcap) * softcap
-    vmask = valid[None, :]
-    s = jnp.where(vmask, s, MASK_VALUE)
-
-    # -- online softmax
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
-    alpha = jnp.exp(m_prev - m_new)
-    p = jnp.where(vmask, jnp.exp(s - m_new[:, None]), 0.0)
-    l_new = alpha * l_prev + jnp.sum(p, axis=1)
+    p, alpha, m_new, l_new = softmax_step(s, valid, m_prev, l_prev, scale=scale,
+                                          softcap=softcap)
 
     # -- values [Mp, Rv]
     if bits:
