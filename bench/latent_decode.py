@@ -31,6 +31,8 @@ In one process on one GPU (METHOD.md):
 Usage (GPU, ~6 min):  PYTHONUNBUFFERED=1 python -m bench.latent_decode --out $OUT
   --impls a,b  restrict implementations     --budget-s  stop starting new cases after
   --block-sizes T,splits,warps,stages  the latent kernel's tiling (0 splits: default)
+  --mha        the multi-head Llama-2-7B shape instead (32 kv heads, RoPE base 1e4), written
+               to latent_decode_mha.{jsonl,md}
   --sweep      instead of the grid: latent_bf16 / latent_int4 over SWEEP tilings at
                (B=1, 64k) and (B=16, 16k), no baselines (~3 min)
 CPU check of the script itself: --cpu-smoke (tiny shapes, Pallas in interpret mode).
@@ -57,7 +59,7 @@ from pallas_kernels.latent_decode_attention.config import BlockSizes
 
 BENCH = "latent_decode"
 # Llama-3-8B attention with Palu gh=4 at 50% rank.
-SHAPE = dict(n=32, kv=8, h=128, gh=4, rank=256, page=16, rope_base=500000.0)
+SHAPE = dict(name="Llama-3-8B", n=32, kv=8, h=128, gh=4, rank=256, page=16, rope_base=500000.0)
 CONTEXTS = (4096, 8192, 16384, 32768, 65536)
 BATCHES = (1, 16)
 IMPLS = ("dense_cudnn", "dense_xla", "dense_pallas_bf16", "latent_bf16", "latent_int4",
@@ -302,10 +304,12 @@ class Runner:
   def markdown(self, path, elapsed):
     lines = [f"# {BENCH} ({self.writer.card}, jax {jax.__version__}, "
              f"{elapsed:.0f} s)", "",
-             f"Llama-3-8B attention (N={SHAPE['n']}, K={SHAPE['kv']}, H={SHAPE['h']}), Palu "
+             f"{SHAPE['name']} attention (N={SHAPE['n']}, K={SHAPE['kv']}, H={SHAPE['h']}), Palu "
              f"gh={SHAPE['gh']} (G={SHAPE['kv'] // SHAPE['gh']}), Rk=Rv={SHAPE['rank']}, RoPE; "
              "latent ops include the V up-projection einsum. ratio = "
-             f"{BASELINE} / impl (> 1: faster than the bf16 decode attention).", "",
+             f"{BASELINE} / impl (> 1: faster than the bf16 decode attention). Ceilings "
+             f"measured here: HBM read {(self.read_bw or 0) / 1e12:.2f} TB/s, bf16 matmul "
+             f"{(self.matmul_rate or 0) / 1e12:.0f} TFLOP/s.", "",
              "| B | context | impl | us | ratio | GB/s | frac. of read BW "
              "| rebuild TFLOP/s |",
              "|---|---|---|---|---|---|---|---|"]
@@ -325,7 +329,7 @@ class Runner:
 
 
 def main(argv=None):
-  global INTERPRET, CONTEXTS, BATCHES, CALL_BYTES
+  global INTERPRET, CONTEXTS, BATCHES, CALL_BYTES, BENCH
   p = argparse.ArgumentParser()
   p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
   p.add_argument("--iters", type=int, default=10)
@@ -336,6 +340,7 @@ def main(argv=None):
   p.add_argument("--batches", default=None)
   p.add_argument("--group-heads", type=int, default=None,
                  help="kv heads per Palu group (rank stays 50%%: gh * H / 2)")
+  p.add_argument("--mha", action="store_true", help="Llama-2-7B multi-head shape")
   p.add_argument("--sweep", action="store_true", help="latent kernel tilings")
   p.add_argument("--cpu-smoke", action="store_true",
                  help="tiny shapes, Pallas in interpret mode (checks the script)")
@@ -345,6 +350,9 @@ def main(argv=None):
     SHAPE.update(n=8, kv=4, h=32, gh=2, rank=32, page=16)
     CONTEXTS, BATCHES, CALL_BYTES = (64,), (1, 2), 1
     args.iters = 2
+  if args.mha:
+    SHAPE.update(name="Llama-2-7B", kv=SHAPE["n"], rope_base=10000.0)
+    BENCH = "latent_decode_mha"
   if args.group_heads:
     SHAPE.update(gh=args.group_heads, rank=args.group_heads * SHAPE["h"] // 2)
   if args.contexts:
