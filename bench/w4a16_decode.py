@@ -6,12 +6,20 @@ the same path (RTN; embeddings and lm_head stay bf16), so the same compiled deco
 runs both. First a correctness check on the device: the quantized model's logits against
 the same model with the dequantized weights as dense bf16 arrays.
 
-  python -m bench.w4a16_decode [--tiny] [--out DIR]
+`--variants` also times the same W4A16 state with the decode matmuls routed differently
+(an experiment on where a step's time goes; each variant swaps one default in this process
+only and re-traces): "one_launch" (the Pallas kernel without split-K: no zero-filled fp32
+buffer, no atomics, bf16 written directly), "one_launch_bn32" (the same with 32-wide tiles,
+twice the programs), "xla_dequant" (XLA's dequantize-then-dot for every M).
+
+  python -m bench.w4a16_decode [--tiny] [--variants] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -25,6 +33,8 @@ from bench.float_baseline import build_on_device, llama3_8b_config, tiny_config
 from lowbit.qtensor import QTensor, dequantize
 from lowbit.quantize import quantize_weight
 from models.generate import Sampling, _decode_loop
+from pallas_kernels.quantized_matmul import api as qmm_api
+from pallas_kernels.quantized_matmul import config as qmm_config
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -61,10 +71,42 @@ def decode_ms_per_step(graphdef, state, config, *, context: int, steps: int) -> 
   return [t / steps for t in common.time_calls(call, warmup=2, iters=5)]
 
 
+@contextlib.contextmanager
+def decode_variant(name: str):
+  """Within the block, W4A16 decode matmuls run as variant `name` (see the docstring)."""
+  saved = (qmm_config._weight_only_default, qmm_api.WEIGHT_ONLY_GPU_MAX_M)
+  default_rule = saved[0]
+
+  def one_launch(block_n):
+    def rule(m, n, k, g, bits):
+      bs = default_rule(m, n, k, g, bits)
+      return dataclasses.replace(bs, split_k=1, block_n=block_n) if m <= 16 else bs
+    return rule
+
+  if name == "one_launch":
+    qmm_config._weight_only_default = one_launch(64)
+  elif name == "one_launch_bn32":
+    qmm_config._weight_only_default = one_launch(32)
+  elif name == "xla_dequant":
+    qmm_api.WEIGHT_ONLY_GPU_MAX_M = 0
+  else:
+    raise ValueError(f"unknown decode variant {name!r}")
+  jax.clear_caches()
+  try:
+    yield
+  finally:
+    qmm_config._weight_only_default, qmm_api.WEIGHT_ONLY_GPU_MAX_M = saved
+    jax.clear_caches()
+
+
+VARIANTS = ("one_launch", "one_launch_bn32", "xla_dequant")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny config")
   parser.add_argument("--out", default=os.environ.get("OUT", "."))
+  parser.add_argument("--variants", action="store_true", help="also time VARIANTS")
   args = parser.parse_args(argv)
   config = tiny_config() if args.tiny else llama3_8b_config()
   group = 32 if args.tiny else 128
@@ -82,27 +124,36 @@ def main(argv=None):
   rel = float(jnp.linalg.norm(quantized_logits - dense_logits) / jnp.linalg.norm(dense_logits))
   print(f"W4A16 logits vs dequantized-dense bf16: relative error {rel:.2e}", flush=True)
 
-  w4 = decode_ms_per_step(graphdef, state, config, context=context, steps=steps)
   # A step reads every parameter except the embedding table (one row of it).
   weight_bytes = (sum(leaf.nbytes for leaf in jax.tree.leaves(state))
                   - nnx.merge(graphdef, state).embed.embedding.get_value().nbytes)
   roofline_ms = weight_bytes / (bw["bytes_per_s"]) * 1e3
-  ms_bf16, ms_w4 = common.median(bf16), common.median(w4)
-  record = {
-      "bench": "w4a16_decode", "case": {"model": "llama3-8b-shape" if not args.tiny else "tiny",
-                                        "batch": 1, "context": context, "steps": steps,
-                                        "group_size": group},
-      "impl": "lowbit W4A16 QTensor (pallas_kernels weight_only_matmul)",
-      "baseline_impl": "bf16 dense (same decode loop)", "card": common.card_name(),
-      "jax_version": jax.__version__, "median_ms": ms_w4, "baseline_median_ms": ms_bf16,
-      "ratio_vs_baseline": ms_bf16 / ms_w4, "tokens_per_s": 1e3 / ms_w4,
-      "fraction_of_ceiling": roofline_ms / ms_w4,
-      "ceiling": f"W4A16 weight bytes read per step / {bw['bytes_per_s'] / 1e12:.2f} TB/s measured copy",
-      "logits_rel_error_vs_dequantized": rel, "spread": common.spread(w4),
-      "date": datetime.date.today().isoformat(), "commit": common.git_commit()}
-  print(json.dumps(record), flush=True)
-  with open(os.path.join(args.out, "w4a16_decode.jsonl"), "a", encoding="utf-8") as f:
-    f.write(json.dumps(record) + "\n")
+  ms_bf16 = common.median(bf16)
+  variants = ("default",) + (VARIANTS if args.variants else ())
+  for variant in variants:
+    context_manager = (contextlib.nullcontext() if variant == "default"
+                       else decode_variant(variant))
+    with context_manager:
+      w4 = decode_ms_per_step(graphdef, state, config, context=context, steps=steps)
+    ms_w4 = common.median(w4)
+    print(f"W4A16 {variant}: {ms_w4:.3f} ms/step ({ms_bf16 / ms_w4:.2f}x bf16)", flush=True)
+    record = {
+        "bench": "w4a16_decode",
+        "case": {"model": "llama3-8b-shape" if not args.tiny else "tiny", "batch": 1,
+                 "context": context, "steps": steps, "group_size": group},
+        "impl": "lowbit W4A16 QTensor (pallas_kernels weight_only_matmul)"
+                + ("" if variant == "default" else f", variant {variant}"),
+        "baseline_impl": "bf16 dense (same decode loop)", "card": common.card_name(),
+        "jax_version": jax.__version__, "median_ms": ms_w4, "baseline_median_ms": ms_bf16,
+        "ratio_vs_baseline": ms_bf16 / ms_w4, "tokens_per_s": 1e3 / ms_w4,
+        "fraction_of_ceiling": roofline_ms / ms_w4,
+        "ceiling": f"W4A16 weight bytes read per step / {bw['bytes_per_s'] / 1e12:.2f} TB/s "
+                   "measured copy",
+        "logits_rel_error_vs_dequantized": rel, "spread": common.spread(w4),
+        "date": datetime.date.today().isoformat(), "commit": common.git_commit()}
+    print(json.dumps(record), flush=True)
+    with open(os.path.join(args.out, "w4a16_decode.jsonl"), "a", encoding="utf-8") as f:
+      f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":
