@@ -39,8 +39,6 @@ def nibbles(codes):
 
 def rowsum_nm(x, codes, scales, *, g=G):
   """One reduction over [N, M, K/2] (M next to N: rows sharing codes are neighbours)."""
-  n, kb = codes.shape
-  m = x.shape[0]
   xl, xh = halves(x.astype(jnp.float32), g)
   lo, hi = nibbles(codes)
   s = jnp.repeat(scales, g // 2, axis=1)  # [N, K/2]
@@ -100,8 +98,7 @@ def main():
   ms = [1, 4] if a.tiny else [1, 2, 4, 8, 16]
   card = jax.devices()[0].device_kind
   bw = 4.8e12 if "H200" in card else 3.35e12
-  rows = []
-  out = open(os.path.join(a.out, "w4a16_rowsum_probe.jsonl"), "w")
+  out = open(os.path.join(a.out, "w4a16_rowsum_probe.jsonl"), "w")  # noqa: SIM115
   for n, k in shapes:
     bytes_w = n * k // 2 + n * (k // G) * 4
     r = rotations(bytes_w)
