@@ -13,9 +13,8 @@ Dispatch (measured on an H200, bench/results/kv_attention.md):
     once the cache holds at least DENSE_DECODE_CUDNN_MIN_TOKENS slots over the batch:
     XLA's einsum reads the cache at ~30% of HBM bandwidth there, cuDNN at 78-100%
     (2.8-3.4x); on short caches XLA is faster (batch 1 at 4k: 17 us against 31 us).
-  * quantized caches (8 and 4 bits: per-token grids, and KIVI's per-channel keys with the
-    float window merged by log-sum-exp) decode through `paged_decode_attention`; 2-bit
-    caches read back to float.
+  * quantized caches (8, 4 and 2 bits: per-token grids, and KIVI's per-channel keys with
+    the float window merged by log-sum-exp) decode through `paged_decode_attention`.
   * Palu latent caches decode through `latent_decode_attention` (K rebuilt from latents
     inside the kernel).
 Everywhere else, for logit softcaps (which cuDNN does not take) and for sliding-window

@@ -15,10 +15,12 @@ Formats (`KV_FORMATS` names them):
     quantized over a group of `key_group` consecutive tokens; the newest tokens of a group
     that is not yet full stay in the activation dtype (the float window) until it fills.
     Values stay per token.
-Codes are packed along the head dimension, `8 // bits` codes per byte, "fraction" layout:
+Codes are packed along the head dimension, `8 // bits` codes per byte, "fraction" layout
+(`pack_codes`, defined with the decode kernels that read it):
 byte j holds elements j, j + H/f, j + 2H/f, ... (f codes per byte) from the low bits up. At 4
 bits that is the low nibble = element j, high nibble = element j + H/2: RoPE's rotate-half
-pairs, so a kernel can rotate unpacked keys without shuffling.
+pairs, so a kernel can rotate unpacked keys without shuffling (at 2 bits, part i pairs with
+part i + 2).
 
 Quantized caches store [K, B, S, ...] (kv head major) so that a [K, B*S/page, page, ...]
 view is the paged layout of `pallas_kernels.decode_attention` with no copy.
@@ -33,6 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.decode_attention import reference as decode_attention_reference
+# The codes' packing is the paged decode kernels' (one definition: they read these bytes).
+from pallas_kernels.decode_attention.reference import pack_codes, unpack_codes
 
 KeyGranularity = Literal["token", "channel"]
 
@@ -90,27 +94,6 @@ class DenseKVCache:
   @property
   def nbytes(self) -> int:
     return self.k.nbytes + self.v.nbytes
-
-
-def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
-  """uint8 codes [..., H] < 2**bits -> [..., H * bits / 8] in the fraction layout."""
-  per_byte = 8 // bits
-  if per_byte == 1:
-    return codes
-  h = codes.shape[-1]
-  parts = codes.reshape(*codes.shape[:-1], per_byte, h // per_byte)
-  shifts = (jnp.arange(per_byte, dtype=jnp.uint8) * bits)[:, None]
-  return jnp.sum(parts << shifts, axis=-2, dtype=jnp.uint8)
-
-
-def unpack_codes(packed: jax.Array, bits: int) -> jax.Array:
-  """The inverse of `pack_codes`: [..., H * bits / 8] -> uint8 [..., H]."""
-  per_byte = 8 // bits
-  if per_byte == 1:
-    return packed
-  shifts = (jnp.arange(per_byte, dtype=jnp.uint8) * bits)[:, None]
-  parts = (packed[..., None, :] >> shifts) & jnp.uint8(2**bits - 1)
-  return parts.reshape(*packed.shape[:-1], per_byte * packed.shape[-1])
 
 
 def quantize_asymmetric(x: jax.Array, bits: int, axis: int, clip: float = 1.0):
@@ -171,8 +154,9 @@ class QuantizedKVCache:
 
   @property
   def paged(self) -> bool:
-    """Whether `pages` serves the paged decode kernel: 8 or 4 bits (the kernel's widths)
-    and a page size (per-channel keys: a power-of-two key_group up to 64)."""
+    """Whether `pages` serves the paged decode kernel: 8, 4 or 2 bits (the kernel's widths,
+    keys per token or per channel) and a page size (per-channel keys: a power-of-two
+    key_group up to 64)."""
     return self.bits in decode_attention_reference.BITS and self.page_size is not None
 
   def pages(self) -> dict:

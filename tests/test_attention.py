@@ -43,14 +43,17 @@ def test_dense_decode_attends_to_the_first_length_slots(window):
   np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("fmt", ["kv4", "kv2"])
 @pytest.mark.parametrize("length", [20, 32, 45])
 @pytest.mark.parametrize("window,softcap", [(None, None), (4, None), (20, 5.0)])
-def test_paged_decode_over_channel_keys_is_the_masked_reference(length, window, softcap):
-  """kv4 (per-channel keys): the kernel over the complete key groups merged with the float
-  window equals attention over the whole cache read back; windows inside the float
+def test_paged_decode_over_channel_keys_is_the_masked_reference(fmt, length, window,
+                                                                softcap):
+  """kv4 / kv2 (per-channel keys): the kernel over the complete key groups merged with the
+  float window equals attention over the whole cache read back; windows inside the float
   window (4) and across both parts (20); lengths below, at and past a group."""
   q, k, v = _qkv(1, length, 2)
-  cache = KV_FORMATS["kv4"].empty(2, 64, 2, 8).write(k, v, 0, prefill=True)
+  cache = KV_FORMATS[fmt].empty(2, 64, 2, 8).write(k, v, 0, prefill=True)
+  assert cache.paged
   got = paged_decode_attention(q, cache, length, scale=0.3, sliding_window=window,
                                logit_softcap=softcap)
   keys, values = cache.read()

@@ -8,6 +8,8 @@ Oracles (STYLE.md 13, anti-pattern 1):
   * each kernel (GPU kernel with interpret=True, TPU kernel under
     pltpu.InterpretParams(), which also flags out-of-bounds reads) is checked against the
     reference on the SAME pages (KERNEL_BUDGET by q dtype).
+Bit widths: float pages, 8-bit codes, and 4- / 2-bit codes in lowbit.kv_cache's "fraction"
+packing (the numpy walk unpacks them on its own).
 Inputs are adversarial (STYLE.md 17): lengths 0, 1, page-1, page+1 and a long one in one
 batch, a shuffled page table whose entries past each sequence's end are garbage (-1, past
 the pool), every page the table does not reach and every slot past a length poisoned
@@ -76,12 +78,12 @@ def make_case(params, *, bits, b_heads, h, lengths, dtype, page=PAGE, rope=False
   # numpy draws (no per-shape jax.random compiles); fresh, never zeros.
   rng = np.random.default_rng(zlib.crc32(repr(params).encode()))
   q = jnp.asarray(rng.standard_normal((b, n, h), np.float32)).astype(dtype)
-  hc = h // 2 if bits == 4 else h
+  hc = h // ref.codes_per_byte(bits)
   shape = (kh, num_pages, page, hc)
   if bits is None:
     kp = rng.standard_normal(shape, np.float32)
     vp = rng.standard_normal(shape, np.float32)
-  else:  # random bytes: for bits=4, two random nibbles each
+  else:  # random bytes: for bits=4 or 2, every packed code random
     kp = rng.integers(0, 256, shape, np.uint8)
     vp = rng.integers(0, 256, shape, np.uint8)
   sc = {}
@@ -150,8 +152,8 @@ def numpy_attention(q, k_pages, v_pages, lengths, page_table, *, bits, scale,
 
   def token(pages, scales, offsets, kv, pos, seq, group=None):
     x = pages[kv, table[seq, pos // page], pos % page]
-    if bits == 4:
-      x = np.concatenate([x & 0xF, x >> 4])
+    if bits in (4, 2):  # byte j holds element j + i H/f at bits i * bits (f per byte)
+      x = np.concatenate([(x >> (i * bits)) & (2**bits - 1) for i in range(8 // bits)])
     x = x.astype(np.float64)
     if bits is not None:
       # Per token: one scalar grid; per channel: the [H] grid row of the token's group.
@@ -204,6 +206,10 @@ CASES = {
                                  BlockSizes(pages_per_block=1, num_splits=4),
                                  TpuBlockSizes(2)),
     "int4_bf16_mha": (4, (2, 2), 128, jnp.bfloat16, False, None, None, None, None),
+    "int2_gqa4": (2, (8, 2), 64, jnp.float32, False, None, None, None, None),
+    "int2_rope_bf16_window_softcap": (2, (4, 1), 64, jnp.bfloat16, True, 20.0, 40,
+                                      BlockSizes(pages_per_block=2, num_splits=3),
+                                      TpuBlockSizes(2)),
 }
 
 
@@ -260,6 +266,23 @@ def test_pack_halves_roundtrip():
   np.testing.assert_array_equal(ref.unpack_halves(packed), codes)
 
 
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_pack_codes_fraction_layout(bits):
+  """Byte j holds element j + i H/f at bits i * bits (f = 8 / bits per byte): the layout
+  lowbit.kv_cache stores (it packs with this function)."""
+  from lowbit import kv_cache  # pylint: disable=g-import-not-at-top
+  assert kv_cache.pack_codes is ref.pack_codes and kv_cache.unpack_codes is ref.unpack_codes
+  codes = jax.random.randint(keys("pack", bits)[0], (3, 5, 64), 0, 2**bits)
+  codes = codes.astype(jnp.uint8)
+  packed = np.asarray(ref.pack_codes(codes, bits))
+  f = 8 // bits
+  assert packed.shape == (3, 5, 64 // f) and packed.dtype == np.uint8
+  for i in range(f):
+    np.testing.assert_array_equal((packed >> (i * bits)) & (2**bits - 1),
+                                  codes[..., i * 64 // f:(i + 1) * 64 // f])
+  np.testing.assert_array_equal(ref.unpack_codes(jnp.asarray(packed), bits), codes)
+
+
 # ---------------------------------------------------------------------------------------
 # Kernels in interpret mode vs the reference
 
@@ -307,6 +330,12 @@ CHANNEL_CASES = {
                                      TpuBlockSizes(2)),
     "int8_g8_rope": (8, (4, 2), 64, jnp.float32, True, None, None, 8, 16,
                      BlockSizes(pages_per_block=1, num_splits=4), None),
+    # kv2 (lowbit.kv_cache): 2-bit keys per channel; two groups per page.
+    "int2_g16_page32_gqa4": (2, (8, 2), 64, jnp.float32, False, None, None, 16, 32, None,
+                             None),
+    "int2_g16_bf16_rope_window": (2, (4, 1), 64, jnp.bfloat16, True, None, 24, 16, 16,
+                                  BlockSizes(pages_per_block=2, num_splits=3),
+                                  TpuBlockSizes(2)),
 }
 
 
@@ -423,7 +452,7 @@ def test_channel_bad_shapes_raise():
 
 
 def _small(bits=None, n=4, kh=2, h=64, b=2, pps=2, page=PAGE):
-  hc = h // 2 if bits == 4 else h
+  hc = h // ref.codes_per_byte(bits)
   dt = jnp.float32 if bits is None else jnp.uint8
   q = jnp.ones((b, n, h), jnp.float32)
   kp = jnp.ones((kh, 4, page, hc), dt)
@@ -446,6 +475,11 @@ def test_api_dispatch():
   out = api.decode_attention(*a48, scale=0.1, implementation=("pallas_gpu", "xla"),
                              interpret=True)
   np.testing.assert_array_equal(out, ref.decode_attention(*a48, scale=0.1))
+  # 2-bit codes of head dim 32 unpack into quarters of 8 columns, below a dot's 16.
+  args2, sc2 = _small(bits=2, h=32)
+  with pytest.raises(NotImplementedError, match="h=32 must be a power of two >= 64"):
+    api.decode_attention(*args2, **sc2, bits=2, scale=0.1, implementation="pallas_gpu",
+                         interpret=True)
   with pytest.raises(ValueError, match="implementation='cuda'"):
     api.decode_attention(*args, scale=0.1, implementation="cuda")
   with pytest.raises(TypeError, match="TpuBlockSizes"):
@@ -455,17 +489,21 @@ def test_api_dispatch():
 
 @pytest.mark.parametrize("change,match", [
     (dict(n=6, kh=4), "multiple of kv heads"),
-    (dict(bits=4, h=63), "even head dim"),
+    (dict(bits=4, h=63), "bits=4 needs a head dim that is a multiple of 2"),
+    (dict(bits=2, h=62), "bits=2 needs a head dim that is a multiple of 4"),
+    (dict(bits=2, h=64, hc=32), r"last dim must be 16 for bits=2"),
     (dict(bits=3), "bits=3"),
 ])
 def test_bad_shapes_raise(change, match):
   bits = change.pop("bits", None)
   if bits == 3:
     args, sc = _small(bits=8)
-  elif bits == 4 and change.get("h") == 63:
+  elif "h" in change and bits is not None:  # packed pages of a bad head dim or width
+    h = change["h"]
+    hc = change.get("hc", h * bits // 8)
     args, sc = _small(bits=8)
-    q = jnp.ones((2, 4, 63), jnp.float32)
-    args = (q, jnp.ones((2, 4, PAGE, 31), jnp.uint8), jnp.ones((2, 4, PAGE, 31), jnp.uint8),
+    q = jnp.ones((2, 4, h), jnp.float32)
+    args = (q, jnp.ones((2, 4, PAGE, hc), jnp.uint8), jnp.ones((2, 4, PAGE, hc), jnp.uint8),
             *args[3:])
   else:
     args, sc = _small(bits=bits, **change)
@@ -511,7 +549,7 @@ F32, BF16, U8 = jnp.float32, jnp.bfloat16, jnp.uint8
 
 def _lowering_case(impl, bits, rope, page, key_group=None):
   b, n, kh, h, p, pps = 4, 32, 8, 128, 256, 64
-  hc = h // 2 if bits == 4 else h
+  hc = h // ref.codes_per_byte(bits)
   dt = BF16 if bits is None else U8
   names = ((("k_scales", "k_offsets", "v_scales", "v_offsets") if bits else ())
            + (("rope_inv_freq",) if rope else ()))
@@ -532,14 +570,14 @@ def _lowering_case(impl, bits, rope, page, key_group=None):
 
 @pytest.mark.parametrize("bits,rope,page,key_group", [
     (None, False, 16, None), (8, True, 16, None), (4, True, 16, None), (4, False, 32, 32),
-    (4, True, 64, 32)])
+    (4, True, 64, 32), (2, False, 32, None), (2, True, 32, 32)])
 def test_gpu_kernel_lowers_for_cuda(bits, rope, page, key_group):
   fn, args = _lowering_case(gpu.decode_attention, bits, rope, page, key_group)
   assert_lowers_for_cuda(fn, args)
 
 
 @pytest.mark.parametrize("bits,rope,key_group", [(None, True, None), (4, False, None),
-                                                  (4, False, 32)])
+                                                  (4, False, 32), (2, False, 32)])
 def test_tpu_kernel_lowers_for_tpu(bits, rope, key_group):
   # Page size 32: whole (32, 128) tiles of 8-bit codes for the DMAs.
   fn, args = _lowering_case(tpu.decode_attention, bits, rope, 32, key_group)

@@ -135,12 +135,13 @@ def _model(architecture="llama"):
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gemma3"])
-@pytest.mark.parametrize("name", ["kv8", "kv4-token", "kv4-atom"])
+@pytest.mark.parametrize("name", ["kv8", "kv4-token", "kv4-atom", KVFormat(bits=2)],
+                         ids=["kv8", "kv4-token", "kv4-atom", "kv2-token"])
 def test_cached_generation_equals_the_uncached_simulation(architecture, name):
   """Per-token formats quantize each token alone, so the no-cache forward (how perplexity
   is measured) and prefill + decode through the cache give the same logits."""
   model = _model(architecture)
-  model.set_kv_format(KV_FORMATS[name])
+  model.set_kv_format(kv_format(name))
   tokens = jnp.asarray(np.random.RandomState(0).randint(0, 41, (2, 24)))
   full, _ = model(tokens)
   cache = model.init_cache(2, 32)
@@ -170,22 +171,48 @@ def test_channel_key_pages_and_window():
   np.testing.assert_array_equal(k_window[:, :, :8], jnp.transpose(k[:, 32:], (2, 0, 1, 3)))
   _, v_read = cache.read()
   np.testing.assert_allclose(v_window[:, :, :8], jnp.transpose(v_read[:, 32:40], (2, 0, 1, 3)))
-  # Page sizes must hold whole key groups; 2-bit codes have no kernel.
+  # Page sizes must hold whole key groups.
   assert not KVFormat(bits=4, keys="channel", key_group=24).empty(1, 48, 2, 16).paged
   assert KVFormat(bits=4, keys="channel", key_group=16).empty(1, 48, 2, 16).page_size == 16
-  assert not KV_FORMATS["kv2"].empty(1, 64, 2, 16).paged
-  with pytest.raises(ValueError, match="2-bit cache with key_group=32"):
-    KV_FORMATS["kv2"].empty(1, 64, 2, 16).pages()
+  with pytest.raises(ValueError, match="4-bit cache with key_group=24"):
+    KVFormat(bits=4, keys="channel", key_group=24).empty(1, 48, 2, 16).pages()
+
+
+@pytest.mark.parametrize("fmt", [KV_FORMATS["kv2"], KVFormat(bits=2)],
+                         ids=["kv2", "kv2-token"])
+def test_two_bit_pages_are_the_cache_bytes(fmt):
+  """A 2-bit cache (keys per channel or per token) has a paged view: its code arrays
+  reshaped, four codes a byte, which the paged kernel's reference reads back to the
+  cache's own dequantized keys and values."""
+  from pallas_kernels.decode_attention import reference
+  k, v = _kv(6, t=40)
+  cache = fmt.empty(2, 64, 2, 16).write(k, v, 0, prefill=True)
+  assert cache.paged and cache.page_size == 64
+  pages = cache.pages()
+  # [K, P = B * 64 / page, page, H / 4]
+  assert pages["bits"] == 2 and pages["k_pages"].shape == (2, 2, 64, 4)
+  assert pages["k_pages"].size == cache.k_codes.size  # a view of the codes, not a copy
+  keys_read, values_read = cache.read()
+  k_pages = reference.gather_dequantized(pages["k_pages"], pages["k_scales"],
+                                         pages["k_offsets"], pages["page_table"], bits=2,
+                                         key_group=pages["key_group"])
+  v_pages = reference.gather_dequantized(pages["v_pages"], pages["v_scales"],
+                                         pages["v_offsets"], pages["page_table"], bits=2)
+  complete = int(cache.complete_length(jnp.int32(40)))  # keys in codes: complete groups
+  np.testing.assert_allclose(k_pages[:, :complete], keys_read[:, :complete], atol=1e-6)
+  np.testing.assert_allclose(v_pages[:, :40], values_read[:, :40], atol=1e-6)
 
 
 @pytest.mark.parametrize("prefill", [30, 32])
 @pytest.mark.parametrize("architecture,fmt", [
     ("llama", KV_FORMATS["kv4"]), ("gemma3", KV_FORMATS["kv4"]),
-    ("llama", KVFormat(bits=4, keys="channel", key_group=32, keys_before_rope=True))],
-                         ids=["llama-kv4", "gemma3-kv4", "llama-kv4-before-rope"])
+    ("llama", KVFormat(bits=4, keys="channel", key_group=32, keys_before_rope=True)),
+    ("llama", KV_FORMATS["kv2"]), ("gemma3", KV_FORMATS["kv2"])],
+                         ids=["llama-kv4", "gemma3-kv4", "llama-kv4-before-rope",
+                              "llama-kv2", "gemma3-kv2"])
 def test_channel_key_decode_through_the_kernel_equals_the_read_path(architecture, fmt,
                                                                     prefill, monkeypatch):
-  """kv4 decode through `paged_decode_attention` (the kernel over complete key groups,
+  """kv4 / kv2 decode through `paged_decode_attention` (the kernel over complete key groups,
   merged with the float window) gives the logits of reading the whole cache back and
   attending over it, step by step across a key-group boundary (gemma3: sliding window 8
   and soft caps; a pre-RoPE variant: the window's keys rotated outside the kernel)."""

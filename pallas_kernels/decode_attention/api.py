@@ -46,21 +46,22 @@ def decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                      implementation: str | Sequence[str] | None = None,
                      block_sizes: BlockSizes | TpuBlockSizes | None = None,
                      interpret: Any = False) -> jax.Array | tuple[jax.Array, jax.Array]:
-  """Paged grouped-query decode attention over float / 8-bit / 4-bit KV pages, with
-  per-token or (keys) per-channel grids.
+  """Paged grouped-query decode attention over float / 8-bit / 4-bit / 2-bit KV pages,
+  with per-token or (keys) per-channel grids.
 
   Args:
     q: [B, N, H] bf16 or f32, one query token per sequence (already rotated).
     k_pages, v_pages: [K, P, page_size, H] float pages (bits=None) or uint8 codes
-      (bits=8); [K, P, page_size, H // 2] uint8 for bits=4 ("halves" packing: the low
-      nibble of byte j is element j, the high nibble element j + H/2). N % K == 0.
+      (bits=8); [K, P, page_size, H * bits / 8] uint8 for bits=4 or 2 (`pack_codes`'
+      "fraction" packing, lowbit.kv_cache's: byte j holds element j + i H/f at bits
+      i * bits, f = 8 / bits codes per byte; H % f == 0). N % K == 0.
     lengths: int32 [B], valid tokens per sequence (0 gives zeros).
     page_table: int32 [B, pages_per_seq]; token p of sequence b is in page
       page_table[b, p // page_size], slot p % page_size.
     k_scales, k_offsets, v_scales, v_offsets: float32 [K, P, page_size] for quantized
       pages: x = code * scale + offset. With key_group, k_scales / k_offsets are float32
       [K, P, page_size // key_group, H] instead.
-    bits: None, 8 or 4.
+    bits: None, 8, 4 or 2 (codes 0 .. 2^bits - 1).
     scale: softmax scale (e.g. H ** -0.5).
     logit_softcap: tanh(s / c) * c on the scores before the mask (Gemma).
     sliding_window: key p visible iff p > query_position - window.

@@ -75,7 +75,12 @@ class BlockSizes:
     Per-channel int4 keys (key_group 32, GQA 32/8, page 32 or 64) dequantize the key
     block in float32 next to its broadcast grids: 4 warps 255 registers and 24-32 B of
     spills, 8 warps 147 registers, none. With RoPE too, 8 warps spill 232 B at 128-token
-    blocks and none at 64 (255 registers).
+    blocks and none at 64 (255 registers; 235 since the RoPE path scores one
+    rotate-half pair of column parts at a time).
+    2-bit codes (four column parts of H/4) take the same rule: per token 166-168
+    registers at 4 warps, 242 with RoPE at 8; per-channel keys (key_group 32, page 32 or
+    64) 174-183 at 8 warps, 226-237 with RoPE at 64-token blocks; no spills (40-44 B with
+    RoPE before the pairwise scoring).
     """
     del batch, kv_heads, pages_per_seq, head_dim  # One tiling serves them all today.
     block_t = 64 if rope and channel_keys else 128

@@ -1,11 +1,12 @@
-"""Pallas (Triton lowering) paged decode attention over bf16 / int8 / int4 KV pages.
+"""Pallas (Triton lowering) paged decode attention over bf16 / int8 / int4 / int2 KV pages.
 
 Same signature as `reference.decode_attention`, plus `block_sizes=` and `interpret=`.
 
 Motivation: decode attention reads the whole KV cache once per token and does ~2 FLOPs
-per byte, so it is bound by HBM. 8-bit pages halve the bytes and 4-bit pages quarter
-them, but only if the codes are dequantized in registers on the way to the tensor cores:
-XLA's gather + dequantize + einsum writes the float cache back to HBM first.
+per byte, so it is bound by HBM. 8-bit pages halve the bytes, 4-bit pages quarter them
+and 2-bit pages (KIVI) cut them eightfold, but only if the codes are dequantized in
+registers on the way to the tensor cores: XLA's gather + dequantize + einsum writes the
+float cache back to HBM first.
 
 Design (flash-decoding):
   * grid (batch, kv head, split): a split is a contiguous range of one sequence's pages
@@ -20,9 +21,10 @@ Design (flash-decoding):
   * dequantization is folded where it is linear. Without RoPE the codes go straight into
     the dot (as exact bf16 integers) and each token's scale and offset are applied to the
     [G, block] scores: s = scale_t * (q . c_t) + offset_t * sum(q). Values likewise:
-    out += (p * vscale) @ codes + sum_t(p_t * voffset_t). 4-bit codes are unpacked with
-    shifts and masks in registers into their two halves (no interleave: the "halves"
-    packing), each half its own dot.
+    out += (p * vscale) @ codes + sum_t(p_t * voffset_t). 4-bit and 2-bit codes are
+    unpacked with shifts and masks in registers into their 2 or 4 column parts of width
+    H * bits / 8 (no interleave: the "fraction" packing, `reference.pack_codes`), each part
+    its own dot (`unpack_parts`, one function for every width).
   * per-channel keys (KIVI, `key_group`): every channel of a group of key_group tokens has
     its own grid, f32 [P, page / key_group, H]. The block's grid rows ([pages_per_block,
     page / key_group, H], a few registers a thread) are broadcast over their groups and the
@@ -31,7 +33,9 @@ Design (flash-decoding):
     for every group of the block, i.e. one small dot per group on a slice of the key
     block, which Triton cannot take from registers; decode is bound by HBM, and the RoPE
     path below already pays the same FMA per element.
-  * RoPE on pre-RoPE keys: the key is dequantized to float32 and rotated before its dot.
+  * RoPE on pre-RoPE keys: the key is dequantized to float32 and rotated before its dot,
+    column part i with part i + parts / 2 (the rotate-half pairs; float and 8-bit keys
+    are loaded as two halves, 2-bit keys rotate two pairs of quarters).
     cos/sin by angle addition: for slot r of a page starting at position p0,
     cos((p0 + r) f) = cos(p0 f) cos(r f) - sin(p0 f) sin(r f), composed twice: from the
     block's first position p0 (H/2 sin/cos per block, the only transcendental calls), a
@@ -65,6 +69,7 @@ the per-element work of the RoPE path.
 from __future__ import annotations
 
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -98,20 +103,27 @@ def _uint_as_float(x, dtype, max_value: int):
   return lax.bitcast_convert_type(x, dtype) - jnp.asarray(value, dtype)
 
 
-def nibbles(packed, dtype):
-  """uint8 [R, C] "halves" packed -> (low, high) [R, C] in dtype holding the exact codes."""
+def unpack_parts(packed, bits: int, dtype) -> tuple:
+  """uint8 [R, C] codes packed 8 / bits to a byte ("fraction" packing) -> the 8 / bits
+  column parts [R, C] in dtype holding the exact codes: part i is bits i*bits.. of each byte
+  (elements i*C .. (i+1)*C - 1). One part for 8 bits (dtype float16 or float32: bf16 cannot
+  hold 0..255 with a unit of 1 in one binade)."""
   itype = _MAGIC[jnp.dtype(dtype)][2]
   w = packed.astype(itype) & 0xFF
-  lo = w & 0xF
-  hi = lax.shift_right_logical(w, jnp.asarray(4, itype))
-  return _uint_as_float(lo, dtype, 15), _uint_as_float(hi, dtype, 15)
+  mask = (1 << bits) - 1
+  parts = []
+  for i in range(8 // bits):
+    x = w if i == 0 else lax.shift_right_logical(w, jnp.asarray(i * bits, itype))
+    if i < 8 // bits - 1:  # the top part has no higher bits left to clear
+      x = x & mask
+    parts.append(_uint_as_float(x, dtype, mask))
+  return tuple(parts)
 
 
-def _bytes(codes, dtype):
-  """uint8 codes -> exact values in dtype (float16 or float32: bf16 cannot hold 0..255
-  with a unit of 1 in one binade)."""
-  itype = _MAGIC[jnp.dtype(dtype)][2]
-  return _uint_as_float(codes.astype(itype) & 0xFF, dtype, 255)
+def nibbles(packed, dtype):
+  """uint8 [R, C] "halves" packed -> (low, high) [R, C] in dtype holding the exact codes
+  (`unpack_parts` at 4 bits; the latent decode kernel's name for it)."""
+  return unpack_parts(packed, 4, dtype)
 
 
 def _dot_nt(a, b, precision):
@@ -134,6 +146,11 @@ def softmax_step(s, valid, m_prev, l_prev, *, scale: float, softcap: float | Non
   return p, alpha, m_new, alpha * l_prev + jnp.sum(p, axis=1)
 
 
+def _sum(xs):
+  """The sum of a non-empty sequence of arrays (no 0 + x)."""
+  return functools.reduce(operator.add, xs)
+
+
 def _kernel(*refs, bits, key_group, rope: bool, ps: int, ppb: int, pages_per_split: int,
             h: int, scale: float, softcap, window, cdt, precision):
   it = iter(refs)
@@ -141,7 +158,7 @@ def _kernel(*refs, bits, key_group, rope: bool, ps: int, ppb: int, pages_per_spl
   tab_ref = next(it)  # i32[pages_padded]
   q_ref = next(it)  # [Gp, H]
   quant = bits is not None
-  k_ref = next(it)  # [P, page, H] (or [P, page, H/2] packed)
+  k_ref = next(it)  # [P, page, H] (or [P, page, H * bits / 8] packed)
   # f32[P, page] per token, or f32[P, page / key_group, H] per channel
   ks_ref, ko_ref = (next(it), next(it)) if quant else (None, None)
   v_ref = next(it)
@@ -152,10 +169,14 @@ def _kernel(*refs, bits, key_group, rope: bool, ps: int, ppb: int, pages_per_spl
     cos_ref, sin_ref, pcos_ref, psin_ref, f_ref = (next(it) for _ in range(5))
   o_ref, m_ref, l_ref = next(it), next(it), next(it)  # f32[Gp, H], f32[Gp], f32[Gp]
 
-  h2 = h // 2
+  # Column parts: packed codes unpack into code_parts parts of width H / code_parts (one
+  # part for float and 8-bit pages), each its own dot. RoPE rotates part i with part
+  # i + key_parts / 2 (rotate-half), so keys are split in two at least.
+  code_parts = reference.codes_per_byte(bits)
+  key_parts = max(code_parts, 2) if rope else code_parts
+  key_width, value_width = h // key_parts, h // code_parts
   bt = ppb * ps
   gp = q_ref.shape[0]
-  split_halves = rope or bits == 4
   length = len_ref[0]
   first_page = pl.program_id(2) * pages_per_split
   n_pages = lax.div(length + (ps - 1), ps)
@@ -175,20 +196,28 @@ def _kernel(*refs, bits, key_group, rope: bool, ps: int, ppb: int, pages_per_spl
   # float16 overflows past 65504: q, keys and p * scale are far below that in practice.
   if quant and cdt == jnp.bfloat16:
     cdt = jnp.float16
-  if split_halves:
-    q1 = q_ref[:, pl.ds(0, h2)].astype(cdt)
-    q2 = q_ref[:, pl.ds(h2, h2)].astype(cdt)
-    qsum = (jnp.sum(q1.astype(jnp.float32), axis=1)
-            + jnp.sum(q2.astype(jnp.float32), axis=1))
-  else:
-    qf = q_ref[...].astype(cdt)
-    qsum = jnp.sum(qf.astype(jnp.float32), axis=1)
+  columns = lambda ref, i, w: ref[:, pl.ds(i * w, w)]
+  qs = ([q_ref[...].astype(cdt)] if key_parts == 1 else
+        [columns(q_ref, i, key_width).astype(cdt) for i in range(key_parts)])
+  qsum = _sum([jnp.sum(x.astype(jnp.float32), axis=1) for x in qs])
   if rope:
-    cos_r, sin_r, freq = cos_ref[...], sin_ref[...], f_ref[...]
-    cos_a, sin_a = pcos_ref[...], psin_ref[...]
+    # Per rotated pair of parts: the angle tables' columns of its frequencies.
+    tables = [(columns(cos_ref, i, key_width), columns(sin_ref, i, key_width),
+               columns(pcos_ref, i, key_width), columns(psin_ref, i, key_width),
+               f_ref[pl.ds(i * key_width, key_width)]) for i in range(key_parts // 2)]
 
   def per_token(ref, ids):
     return ref[ids].reshape(bt)
+
+  def unpacked(ref, ids, parts: int, dtype):
+    """The block's pages as `parts` column parts [T, H / parts] in dtype: exact codes for
+    quantized pages (parts == code_parts where codes are packed), values for float ones."""
+    if code_parts > 1:
+      return unpack_parts(ref[ids].reshape(bt, h // code_parts), bits, dtype)
+    w = h // parts
+    cols = ([ref[ids].reshape(bt, h)] if parts == 1 else
+            [ref[ids, :, pl.ds(i * w, w)].reshape(bt, w) for i in range(parts)])
+    return [unpack_parts(c, 8, dtype)[0] if quant else c.astype(dtype) for c in cols]
 
   def dequantize_channels(x, ids, col0: int):
     """f32 codes [T, w] of key columns col0 .. col0+w-1 -> keys: each token takes the grid
@@ -198,6 +227,38 @@ def _kernel(*refs, bits, key_group, rope: bool, ps: int, ppb: int, pages_per_spl
     row = lambda ref: jnp.broadcast_to(ref[ids, :, pl.ds(col0, w)][:, :, None, :],
                                        groups).reshape(bt, w)
     return x * row(ks_ref) + row(ko_ref)
+
+  def float_key_scores(ids, pstart):
+    """Scores [Gp, T] of the block's keys dequantized to float32 (per channel or per
+    token) and rotated at their positions with RoPE, one rotate-half pair of parts at a
+    time (fewer float32 key parts live at once)."""
+    codes = unpacked(k_ref, ids, key_parts, jnp.float32)
+    if quant and key_group is None:
+      ks, ko = per_token(ks_ref, ids)[:, None], per_token(ko_ref, ids)[:, None]
+
+    def dequantize(i):
+      if key_group is not None:
+        return dequantize_channels(codes[i], ids, i * key_width)
+      return codes[i] * ks + ko if quant else codes[i]
+
+    dot = lambda i, k: _dot_nt(qs[i], k.astype(cdt), precision)
+    if not rope:
+      keys = [dequantize(i) for i in range(key_parts)]
+      return _sum([dot(i, k) for i, k in enumerate(keys)])
+    half = key_parts // 2
+    scores = []
+    for i, (cos_r, sin_r, cos_a, sin_a, freq) in enumerate(tables):
+      # Angle of slot r of page a of the block: float32(p0) * f (p0 the block's first
+      # position) + a * page * f + r * f, composed by angle addition from the tables.
+      ang0 = (pstart * ps).astype(jnp.float32) * freq  # [w]
+      c0, s0 = jnp.cos(ang0)[None, :], jnp.sin(ang0)[None, :]
+      ca = (c0 * cos_a - s0 * sin_a)[:, None, :]  # [ppb, 1, w]
+      sa = (s0 * cos_a + c0 * sin_a)[:, None, :]
+      cos = (ca * cos_r[None] - sa * sin_r[None]).reshape(bt, key_width)
+      sin = (sa * cos_r[None] + ca * sin_r[None]).reshape(bt, key_width)
+      k1, k2 = dequantize(i), dequantize(i + half)
+      scores += [dot(i, k1 * cos - k2 * sin), dot(i + half, k2 * cos + k1 * sin)]
+    return _sum(scores)
 
   def body(i, carry):
     accs, m_prev, l_prev = carry
@@ -209,49 +270,11 @@ def _kernel(*refs, bits, key_group, rope: bool, ps: int, ppb: int, pages_per_spl
       valid &= pos >= lo_pos
 
     # -- scores [Gp, T]
-    if rope:
-      if bits == 4:
-        k1, k2 = nibbles(k_ref[ids].reshape(bt, h2), jnp.float32)
-      else:
-        k1 = k_ref[ids, :, pl.ds(0, h2)].reshape(bt, h2)
-        k2 = k_ref[ids, :, pl.ds(h2, h2)].reshape(bt, h2)
-        to_f32 = ((lambda x: _bytes(x, jnp.float32)) if quant
-                  else (lambda x: x.astype(jnp.float32)))
-        k1, k2 = to_f32(k1), to_f32(k2)
-      if key_group is not None:
-        k1, k2 = dequantize_channels(k1, ids, 0), dequantize_channels(k2, ids, h2)
-      elif quant:
-        ks = per_token(ks_ref, ids)[:, None]
-        ko = per_token(ko_ref, ids)[:, None]
-        k1, k2 = k1 * ks + ko, k2 * ks + ko
-      # Angle of slot r of page a of the block: float32(p0) * f (p0 the block's first
-      # position) + a * page * f + r * f, composed by angle addition from the tables.
-      ang0 = (pstart * ps).astype(jnp.float32) * freq  # [H/2]
-      c0, s0 = jnp.cos(ang0)[None, :], jnp.sin(ang0)[None, :]
-      ca = (c0 * cos_a - s0 * sin_a)[:, None, :]  # [ppb, 1, H/2]
-      sa = (s0 * cos_a + c0 * sin_a)[:, None, :]
-      cos = (ca * cos_r[None] - sa * sin_r[None]).reshape(bt, h2)
-      sin = (sa * cos_r[None] + ca * sin_r[None]).reshape(bt, h2)
-      r1 = (k1 * cos - k2 * sin).astype(cdt)
-      r2 = (k2 * cos + k1 * sin).astype(cdt)
-      s = _dot_nt(q1, r1, precision) + _dot_nt(q2, r2, precision)
-    elif key_group is not None:
-      if bits == 4:
-        k1, k2 = nibbles(k_ref[ids].reshape(bt, h2), jnp.float32)
-        k1, k2 = dequantize_channels(k1, ids, 0), dequantize_channels(k2, ids, h2)
-        s = (_dot_nt(q1, k1.astype(cdt), precision)
-             + _dot_nt(q2, k2.astype(cdt), precision))
-      else:
-        k = dequantize_channels(_bytes(k_ref[ids].reshape(bt, h), jnp.float32), ids, 0)
-        s = _dot_nt(qf, k.astype(cdt), precision)
+    if rope or key_group is not None:
+      s = float_key_scores(ids, pstart)
     else:
-      if bits == 4:
-        c1, c2 = nibbles(k_ref[ids].reshape(bt, h2), cdt)
-        s = _dot_nt(q1, c1, precision) + _dot_nt(q2, c2, precision)
-      else:
-        k = k_ref[ids].reshape(bt, h)
-        k = _bytes(k, cdt) if quant else k.astype(cdt)
-        s = _dot_nt(qf, k, precision)
+      codes = unpacked(k_ref, ids, key_parts, cdt)
+      s = _sum([_dot_nt(q, c, precision) for q, c in zip(qs, codes)])
       if quant:
         s = s * per_token(ks_ref, ids)[None, :] + qsum[:, None] * per_token(
             ko_ref, ids)[None, :]
@@ -264,14 +287,8 @@ def _kernel(*refs, bits, key_group, rope: bool, ps: int, ppb: int, pages_per_spl
       vo = jnp.where(valid, per_token(vo_ref, ids), 0.0)
       pv = (p * vs[None, :]).astype(cdt)
       bias = jnp.sum(p * vo[None, :], axis=1)[:, None]
-      if bits == 4:
-        c1, c2 = nibbles(v_ref[ids].reshape(bt, h2), cdt)
-        parts = (jnp.dot(pv, c1, preferred_element_type=jnp.float32, precision=precision),
-                 jnp.dot(pv, c2, preferred_element_type=jnp.float32, precision=precision))
-      else:
-        c = _bytes(v_ref[ids].reshape(bt, h), cdt)
-        parts = (jnp.dot(pv, c, preferred_element_type=jnp.float32, precision=precision),)
-      parts = tuple(x + bias for x in parts)
+      parts = tuple(jnp.dot(pv, c, preferred_element_type=jnp.float32, precision=precision)
+                    + bias for c in unpacked(v_ref, ids, code_parts, cdt))
     else:
       v = v_ref[ids].reshape(bt, h)
       v = jnp.where(valid[:, None], v, jnp.zeros((), v.dtype)).astype(cdt)
@@ -280,16 +297,14 @@ def _kernel(*refs, bits, key_group, rope: bool, ps: int, ppb: int, pages_per_spl
     accs = tuple(alpha[:, None] * a + x for a, x in zip(accs, parts))
     return accs, m_new, l_new
 
-  n_acc = 2 if bits == 4 else 1
-  width = h2 if bits == 4 else h
-  init = (tuple(jnp.zeros((gp, width), jnp.float32) for _ in range(n_acc)),
+  init = (tuple(jnp.zeros((gp, value_width), jnp.float32) for _ in range(code_parts)),
           jnp.full((gp,), MASK_VALUE, jnp.float32), jnp.zeros((gp,), jnp.float32))
   accs, m, l = lax.fori_loop(i0, n_blocks, body, init)
-  if bits == 4:
-    o_ref[:, pl.ds(0, h2)] = accs[0]
-    o_ref[:, pl.ds(h2, h2)] = accs[1]
-  else:
+  if code_parts == 1:
     o_ref[...] = accs[0]
+  else:
+    for i, acc in enumerate(accs):
+      o_ref[:, pl.ds(i * value_width, value_width)] = acc
   m_ref[...] = m
   l_ref[...] = l
 
@@ -306,9 +321,11 @@ def check_supported(q, k_pages, page_table, *, bits, rope: bool, channel_keys: b
   kh, _, ps, _ = k_pages.shape
   if q.dtype not in (jnp.bfloat16, jnp.float32):
     raise NotImplementedError(f"pallas_gpu decode_attention: {q.dtype=} not bf16/f32")
-  if h & (h - 1) or h < 2 * MIN_DOT_DIM:
+  # Every column part (two at least: RoPE's halves) is a dot dimension.
+  min_h = MIN_DOT_DIM * max(2, reference.codes_per_byte(bits))
+  if h & (h - 1) or h < min_h:
     raise NotImplementedError(f"pallas_gpu decode_attention: head dim {h=} must be a "
-                              f"power of two >= {2 * MIN_DOT_DIM}")
+                              f"power of two >= {min_h} for bits={bits}")
   if ps & (ps - 1):
     raise NotImplementedError(f"pallas_gpu decode_attention: page_size={ps} must be a "
                               f"power of two")

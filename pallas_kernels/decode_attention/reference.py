@@ -4,7 +4,8 @@ The op (one query token per sequence, grouped-query attention over a paged KV ca
 
   q           [B, N, H]            bf16 / f32, already rotated (RoPE) if the model rotates
   k_pages     [K, P, page, H]      float pages (bits=None), uint8 codes (bits=8), or
-              [K, P, page, H // 2] uint8 (bits=4, two codes per byte, "halves" packing)
+              [K, P, page, H * bits / 8] uint8 (bits=4 or 2: 8 / bits codes per byte,
+                                   "fraction" packing)
   v_pages     same as k_pages
   lengths     i32[B]               valid tokens of each sequence (0 allowed -> zeros out)
   page_table  i32[B, pages_per_seq] token p of sequence b lives in page
@@ -22,9 +23,13 @@ The op (one query token per sequence, grouped-query attention over a paged KV ca
 Letters: B batch, N query heads, K kv heads, G = N / K query heads per kv head, H head dim,
 P pages in the pool, S = pages_per_seq * page the longest context a table can address.
 
-4-bit "halves" packing: the low nibble of byte j is element j, the high nibble element
-j + H/2. RoPE's rotate-half convention pairs exactly those two elements, so a kernel that
-rotates keys works on the two unpacked halves directly (no interleave, no concatenation).
+"Fraction" packing of f = 8 / bits codes per byte (lowbit.kv_cache's cache layout, defined
+here by `pack_codes`): byte j holds elements j, j + H/f, .., j + (f-1) H/f from the low bits
+up, so unpacking with shifts and masks gives f contiguous column parts of width H/f. At 4
+bits ("halves") the low nibble of byte j is element j, the high nibble element j + H/2; at
+2 bits ("quarters") bits 2i..2i+1 hold element j + i H/4. RoPE's rotate-half convention
+pairs element j with j + H/2, i.e. part i with part i + f/2, so a kernel that rotates keys
+works on the unpacked parts directly (no interleave, no concatenation).
 
 Keys are stored before RoPE when `rope_inv_freq` is given: the key at absolute position p
 is rotated by angles p * inv_freq (HF rotate-half: k1' = k1 cos - k2 sin,
@@ -54,19 +59,44 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-BITS = (None, 8, 4)
+BITS = (None, 8, 4, 2)
+
+
+def codes_per_byte(bits: int | None) -> int:
+  """8 / bits codes share a byte (1 for 8-bit codes and float pages)."""
+  return 1 if bits is None else 8 // bits
+
+
+def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
+  """uint8 codes [..., H] < 2**bits -> [..., H * bits / 8] in the fraction packing: byte j
+  holds code j + i H/f at bits i * bits (f = 8 / bits codes per byte)."""
+  per_byte = codes_per_byte(bits)
+  if per_byte == 1:
+    return codes
+  h = codes.shape[-1]
+  parts = codes.astype(jnp.uint8).reshape(*codes.shape[:-1], per_byte, h // per_byte)
+  shifts = (jnp.arange(per_byte, dtype=jnp.uint8) * bits)[:, None]
+  return jnp.sum(parts << shifts, axis=-2, dtype=jnp.uint8)
+
+
+def unpack_codes(packed: jax.Array, bits: int) -> jax.Array:
+  """The inverse of `pack_codes`: uint8 [..., H * bits / 8] -> uint8 codes [..., H]."""
+  per_byte = codes_per_byte(bits)
+  if per_byte == 1:
+    return packed
+  shifts = (jnp.arange(per_byte, dtype=jnp.uint8) * bits)[:, None]
+  parts = (packed[..., None, :] >> shifts) & jnp.uint8(2**bits - 1)
+  return parts.reshape(*packed.shape[:-1], per_byte * packed.shape[-1])
 
 
 def unpack_halves(packed: jax.Array) -> jax.Array:
-  """uint8 [..., H/2] in "halves" packing -> uint8 codes [..., H]."""
-  return jnp.concatenate([packed & 0xF, packed >> 4], axis=-1)
+  """uint8 [..., H/2] in "halves" packing (4 bits) -> uint8 codes [..., H]."""
+  return unpack_codes(packed, 4)
 
 
 def pack_halves(codes: jax.Array) -> jax.Array:
   """uint8 codes [..., H] in 0..15 -> [..., H/2]: byte j = code j | code (j + H/2) << 4."""
-  h = codes.shape[-1]
-  c = codes.astype(jnp.uint8)
-  return (c[..., : h // 2] & 0xF) | (c[..., h // 2:] << 4)
+  return pack_codes(codes, 4)
 
 
 def rope_rotate(k: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
@@ -106,9 +136,11 @@ def validate_inputs(q, k_pages, v_pages, lengths, page_table, k_scales, k_offset
   if n % kh:
     raise ValueError(f"query heads N={n} must be a multiple of kv heads K={kh} "
                      f"(q.shape={q.shape}, k_pages.shape={k_pages.shape})")
-  if bits == 4 and h % 2:
-    raise ValueError(f"bits=4 needs an even head dim, got H={h} (q.shape={q.shape})")
-  want_hc = h // 2 if bits == 4 else h
+  per_byte = codes_per_byte(bits)
+  if h % per_byte:
+    raise ValueError(f"bits={bits} needs a head dim that is a multiple of {per_byte} "
+                     f"(codes per byte), got H={h} (q.shape={q.shape})")
+  want_hc = h // per_byte
   if hc != want_hc:
     raise ValueError(f"k_pages.shape={k_pages.shape} last dim must be {want_hc} for "
                      f"bits={bits} and head dim {h}")
@@ -171,8 +203,8 @@ def gather_dequantized(pages, scales, offsets, page_table, *, bits,
   table = jnp.clip(page_table, 0, p - 1)
   b, pps = table.shape
   x = pages[:, table]  # [K, B, pps, page, H']
-  if bits == 4:
-    x = unpack_halves(x)
+  if bits is not None:
+    x = unpack_codes(x, bits)
   x = x.astype(jnp.float32)
   if key_group is not None:
     h = x.shape[-1]

@@ -1,4 +1,4 @@
-"""Pallas (Mosaic TPU) paged decode attention over bf16 / int8 / int4 KV pages.
+"""Pallas (Mosaic TPU) paged decode attention over bf16 / int8 / int4 / int2 KV pages.
 
 Same signature as `reference.decode_attention`, plus `block_sizes=` and `interpret=`
 (pass `pltpu.InterpretParams()` to run on a CPU; it also flags out-of-bounds reads).
@@ -9,6 +9,10 @@ scalar-prefetched into SMEM; the pages stay in HBM (memory_space ANY) and each l
 DMAs `pages_per_block` pages of keys, values and their scales into VMEM scratch, waits,
 and folds the block into an online softmax (float32 scores, max and sum in VMEM values
 carried by the loop).
+
+Packed 4-bit and 2-bit codes are unpacked with shifts and masks into their 2 or 4 column
+parts (the "fraction" packing, `reference.pack_codes`), each part its own dot; RoPE takes
+its two halves by joining parts (one part each at 4 bits).
 
 Dequantization stays in the row layout the scores have ([G, block_t]): scales and offsets
 arrive as [1, block_t] rows, so s = scale_t * (q . c_t) + offset_t * sum(q) and
@@ -37,6 +41,7 @@ a v5p / v7 chip; the head dim padded to 128 lanes for H = 64.
 from __future__ import annotations
 
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -114,23 +119,34 @@ def _kernel(len_ref, start_ref, tab_ref, *refs, bits, key_group, rope: bool, ps:
           out.append(pltpu.make_async_copy(src.at[kv, page], dst, sem.at[2 + n]))
     return out
 
-  def codes_of(buf):
-    """Page block -> list of float halves (4-bit) or the whole [T, H] block."""
-    x = buf[...]
-    if bits == 4:
-      w = x.astype(jnp.int32)
-      return [(w & 0xF).astype(jnp.float32), (w >> 4).astype(jnp.float32)]
-    return [x.astype(jnp.float32)]
+  parts = reference.codes_per_byte(bits)  # column parts of the unpacked codes
+  width = h // parts
+  columns = lambda x, i: x[:, i * width:(i + 1) * width]
 
-  def dequantize_channels(parts, ks, ko):
-    """Key code parts (halves or whole) -> float keys: each token takes the grid row
-    (ks, ko f32[ppb * page / key_group, H]) of its group."""
-    def rows(x):  # [ppb * page / key_group, H] -> [T, H]
-      return jnp.broadcast_to(x[:, None, :], (x.shape[0], key_group, h)).reshape(bt, h)
+  def codes_of(buf):
+    """Page block -> f32 column parts [T, H / parts]: part i of packed codes is bits
+    i*bits.. of each byte; one part (the whole block) for float and 8-bit pages."""
+    x = buf[...]
+    if parts == 1:
+      return [x.astype(jnp.float32)]
+    w = x.astype(jnp.int32)
+    mask = (1 << bits) - 1
+    return [((w >> (i * bits)) & mask).astype(jnp.float32) for i in range(parts)]
+
+  def halves(x):
+    """Column parts -> the two halves [T, H/2] that RoPE pairs."""
+    if len(x) == 1:
+      return x[0][:, :h2], x[0][:, h2:]
+    join = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=1)
+    return join(x[:len(x) // 2]), join(x[len(x) // 2:])
+
+  def dequantize_channels(x, ks, ko):
+    """Key code parts -> float keys: each token takes the grid row (ks, ko
+    f32[ppb * page / key_group, H]) of its group."""
+    def rows(g):  # [ppb * page / key_group, H] -> [T, H]
+      return jnp.broadcast_to(g[:, None, :], (g.shape[0], key_group, h)).reshape(bt, h)
     ks, ko = rows(ks), rows(ko)
-    if len(parts) == 1:
-      return [parts[0] * ks + ko]
-    return [parts[0] * ks[:, :h2] + ko[:, :h2], parts[1] * ks[:, h2:] + ko[:, h2:]]
+    return [c * columns(ks, i) + columns(ko, i) for i, c in enumerate(x)]
 
   def body(i, carry):
     acc, m_prev, l_prev = carry
@@ -155,7 +171,7 @@ def _kernel(len_ref, start_ref, tab_ref, *refs, bits, key_group, rope: bool, ps:
     if key_group is not None:
       kparts = dequantize_channels(kparts, ks, ko)
     if rope:
-      k1, k2 = kparts if bits == 4 else (kparts[0][:, :h2], kparts[0][:, h2:])
+      k1, k2 = halves(kparts)
       ang0 = (pstart * ps).astype(jnp.float32) * f_ref[...]  # [1, H/2]
       c0, s0 = jnp.cos(ang0), jnp.sin(ang0)
       ca = (c0 * pcos_ref[...] - s0 * psin_ref[...])[:, None, :]  # [ppb, 1, H/2]
@@ -169,10 +185,8 @@ def _kernel(len_ref, start_ref, tab_ref, *refs, bits, key_group, rope: bool, ps:
         ones = dot_nt(q1, (cos - sin).astype(cdt)) + dot_nt(q2, (cos + sin).astype(cdt))
         s = s * ks + ones * ko
     else:
-      if bits == 4:
-        s = dot_nt(q1, kparts[0].astype(cdt)) + dot_nt(q2, kparts[1].astype(cdt))
-      else:
-        s = dot_nt(qc, kparts[0].astype(cdt))
+      s = functools.reduce(operator.add, [dot_nt(columns(qc, i), c.astype(cdt))
+                                          for i, c in enumerate(kparts)])
       if token_keys:
         s = s * ks + qsum * ko
     s = s * scale
