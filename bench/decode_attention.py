@@ -3,7 +3,7 @@
 In one process on one GPU (METHOD.md):
   1. ceiling: HBM read bandwidth (float32-accumulated sum of a 1 GiB bf16 array), measured;
   2. correctness of `pallas_kernels.decode_attention.gpu` against `reference.py` on fresh
-     random inputs (ragged lengths incl. 0, shuffled pages, bits None / 8 / 4, with and
+     random inputs (ragged lengths incl. 0, shuffled pages, bits None / 8 / 4 / 2, with and
      without RoPE, softcap + window once), and of JAX's own paged attention (bf16);
   3. speed: GQA 32 query / 8 kv heads, head dim 128, page 16 (kv4: 32), every sequence at the full
      context, contexts {1k .. 128k} x batch {1, 8, 32, 64} (cases whose bf16 cache is over
@@ -21,7 +21,8 @@ In one process on one GPU (METHOD.md):
        ours_kv4            the same kernel on the library's kv4 layout (KIVI): int4 keys
                            with per-channel grids over groups of KEY_GROUP tokens
                            (key_group=, page CHANNEL_PAGE), per-token int4 values, with
-                           return_lse=True as lowbit.attention calls it.
+                           return_lse=True as lowbit.attention calls it;
+       ours_kv2            likewise on the kv2 layout (KIVI-2): 2-bit codes, four a byte.
      Each sample is one jitted call that runs the op over R rotating buffer sets (each set
      its own cache; R sized so a call reads >= CALL_BYTES, far above L2), INNER calls
      queued per sample, median of --iters samples after warm-up.
@@ -69,11 +70,15 @@ KEY_GROUP, CHANNEL_PAGE = 32, 32
 CONTEXTS = (1024, 4096, 8192, 16384, 32768, 65536, 131072)
 BATCHES = (1, 8, 32, 64)
 IMPLS = ("xla_bf16", "jax_dpa", "jax_paged_bf16", "jax_paged_int8", "ours_bf16", "ours_int8",
-         "ours_int4", "ours_kv4", "ours_bf16_rope", "ours_int8_rope", "ours_int4_rope")
+         "ours_int4", "ours_kv4", "ours_kv2", "ours_bf16_rope", "ours_int8_rope",
+         "ours_int4_rope")
 # Cases after the first FULL_CASES of the priority order run only these (time budget).
-CORE_IMPLS = ("xla_bf16", "jax_paged_bf16", "ours_bf16", "ours_int8", "ours_int4", "ours_kv4")
+CORE_IMPLS = ("xla_bf16", "jax_paged_bf16", "ours_bf16", "ours_int8", "ours_int4", "ours_kv4",
+              "ours_kv2")
 # Code width of each kind of paged set.
-KIND_BITS = {"bf16": None, "int8": 8, "int4": 4, "kv4": 4}
+KIND_BITS = {"bf16": None, "int8": 8, "int4": 4, "kv4": 4, "kv2": 2}
+# Kinds with per-channel key grids (KIVI's layout; lowbit.kv_cache "kv4" and "kv2").
+CHANNEL_KINDS = ("kv4", "kv2")
 FULL_CASES = 8
 # A call reads at least this much (L2 is 50 MB on H100, 60 MB on H200), and at most
 # MAX_SETS buffer sets are rotated (each a separate cache; compile time grows with it).
@@ -117,7 +122,7 @@ def rand_scales(num_pages, i, tag, lo, hi, grid=(PAGE,)):
 
 def page_of(name):
   """Page size of a kind of paged set or of an implementation's label."""
-  return CHANNEL_PAGE if "kv4" in name else PAGE
+  return CHANNEL_PAGE if any(kind in name for kind in CHANNEL_KINDS) else PAGE
 
 
 def paged_set(kind, b, ctx, i):
@@ -125,7 +130,7 @@ def paged_set(kind, b, ctx, i):
   page = page_of(kind)
   pps = ctx // page
   num_pages = b * pps
-  hc = HEAD_DIM // 2 if KIND_BITS.get(kind) == 4 else HEAD_DIM
+  hc = HEAD_DIM * (KIND_BITS.get(kind) or 8) // 8  # packed: 8 / bits codes a byte
   shape = (KV_HEADS, num_pages, page, hc)
   rk = "bf16" if kind == "bf16" else ("i8" if kind == "i8sym" else "u8")
   kp = _rand_heads(_key("k", kind, b, ctx, i), shape=shape, kind=rk)
@@ -134,10 +139,10 @@ def paged_set(kind, b, ctx, i):
   table = table.reshape(b, pps)
   lengths = jnp.full((b,), ctx, jnp.int32)
   kw = {}
-  if kind in ("int8", "int4", "kv4"):
-    qmax = 255.0 if kind == "int8" else 15.0
-    # kv4: one key grid per channel and group of KEY_GROUP tokens
-    key_grid = (page // KEY_GROUP, HEAD_DIM) if kind == "kv4" else (page,)
+  if kind in ("int8", "int4", "kv4", "kv2"):
+    qmax = 2.0 ** KIND_BITS[kind] - 1
+    # kv4 / kv2: one key grid per channel and group of KEY_GROUP tokens
+    key_grid = (page // KEY_GROUP, HEAD_DIM) if kind in CHANNEL_KINDS else (page,)
     kw = dict(k_scales=rand_scales(num_pages, i, "ks", 2.0, 3.0, key_grid) / qmax,
               k_offsets=rand_scales(num_pages, i, "ko", -1.6, -1.2, key_grid),
               v_scales=rand_scales(num_pages, i, "vs", 2.0, 3.0, (page,)) / qmax,
@@ -217,9 +222,11 @@ def live_bytes(impl, b, ctx):
   """Bytes an implementation must read: codes (+ scales, offsets) of the live tokens + q."""
   tokens = b * ctx * KV_HEADS
   q = b * N_HEADS * HEAD_DIM * 2
-  if impl.startswith("ours_kv4"):
-    # K and V nibbles, 2 f32 per token (values), 2 f32 per channel and KEY_GROUP tokens
-    return tokens * HEAD_DIM + tokens * 8 + tokens * HEAD_DIM * 8 // KEY_GROUP + q
+  if impl.startswith(("ours_kv4", "ours_kv2")):
+    # K and V codes (bits / 8 bytes each), 2 f32 per token (values), 2 f32 per channel and
+    # KEY_GROUP tokens
+    codes = tokens * HEAD_DIM * 2 * KIND_BITS[impl.split("_")[1]] // 8
+    return codes + tokens * 8 + tokens * HEAD_DIM * 8 // KEY_GROUP + q
   if "int4" in impl:
     return tokens * HEAD_DIM + tokens * 16 + q  # K and V nibbles, 4 f32 per token
   if impl == "jax_paged_int8":
@@ -277,11 +284,11 @@ class Bench:
         def run():
           fkw = dict(bits=bits, scale=HEAD_DIM ** -0.5,
                      rope_inv_freq=inv_freq() if rope else None, **kw, **extra)
-          if kind == "kv4":  # with the lse, as lowbit.attention asks for it
+          if kind in CHANNEL_KINDS:  # with the lse, as lowbit.attention asks for it
             fkw.update(key_group=KEY_GROUP, return_lse=True)
           got = gpu.decode_attention(q, kp, vp, lengths, table, interpret=INTERPRET, **fkw)
           want = reference.decode_attention(q, kp, vp, lengths, table, **fkw)
-          if kind == "kv4":
+          if kind in CHANNEL_KINDS:
             lse_err = float(jnp.max(jnp.abs(got[1][1:] - want[1][1:])))
             (got, lse_got), want = got, want[0]
             ok_lse = lse_err <= 1e-2 and bool(jnp.all(lse_got[0] == -jnp.inf))
@@ -365,7 +372,7 @@ class Bench:
       for bs in (block_sizes or (None,)):
         def op(q, kp, vp, lengths, table, kw, bits=bits, rope=rope, bs=bs, kind=kind):
           return ours(q, kp, vp, lengths, table, bits=bits, rope=rope, block_sizes=bs,
-                      key_group=KEY_GROUP if kind == "kv4" else None, **kw)
+                      key_group=KEY_GROUP if kind in CHANNEL_KINDS else None, **kw)
         label = impl if bs is None else (
             f"{impl}[ppb={bs.pages_per_block},splits={bs.num_splits},w={bs.num_warps}]")
         res = self.guarded(f"{label} B={b} ctx={ctx}", lambda: measure(
@@ -379,7 +386,7 @@ class Bench:
     impls = [i for i in IMPLS if i in seen]
     impls += sorted(set(seen) - set(impls))
     lines = [f"# Paged decode attention on {self.writer.card} (jax {jax.__version__})", "",
-             f"GQA {N_HEADS}/{KV_HEADS} heads, head dim {HEAD_DIM}, page {PAGE} (kv4: "
+             f"GQA {N_HEADS}/{KV_HEADS} heads, head dim {HEAD_DIM}, page {PAGE} (kv4 / kv2: "
              f"{CHANNEL_PAGE}, keys per channel over {KEY_GROUP} tokens), every "
              f"sequence at the full context. HBM read ceiling {self.bw / 1e12:.2f} TB/s "
              f"(measured). Cell: median us / fraction of the read ceiling (bytes: codes + "
