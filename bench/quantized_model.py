@@ -20,7 +20,13 @@ For each format, on the device:
   3. decode: ms per step of the compiled decode loop at batch 1 (512 tokens of cache).
 Lines in <out>/quantized_model.jsonl (DESIGN.md format); a summary table on stdout.
 
-  python -m bench.quantized_model [--tiny] [--formats w8a8,w4a4,w4a16] [--out DIR]
+`--variants` adds rows for a format run with one dispatch default swapped in this process
+(an experiment on where the time goes): "w8a8/xla_quantizer" quantizes activations with
+the XLA reference, which XLA fuses into the ops before it (the RMSNorm, the residual add),
+instead of the Pallas kernel (one more launch per linear).
+
+  python -m bench.quantized_model [--tiny] [--formats w8a8,w4a4,w4a16] [--variants]
+                                  [--out DIR]
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from bench.float_baseline import build_on_device, llama3_8b_config, tiny_config
 from bench.w4a16_decode import LINEARS, decode_ms_per_step
 from lowbit import nn as lowbit_nn
 from lowbit.quantize import quantize_weight
+from pallas_kernels.activation_quant import api as act_quant_api
 from pallas_kernels.quantized_matmul import api as qmm_api
 
 BENCH = "quantized_model"
@@ -84,6 +91,22 @@ def simulation_only():
     jax.clear_caches()
 
 
+@contextlib.contextmanager
+def xla_quantizer():
+  """Within the block the activation quantizer runs its XLA reference on every backend."""
+  saved = act_quant_api.backend_order
+  act_quant_api.backend_order = lambda: ("xla",)
+  jax.clear_caches()
+  try:
+    yield
+  finally:
+    act_quant_api.backend_order = saved
+    jax.clear_caches()
+
+
+VARIANTS = {"w8a8/xla_quantizer": ("w8a8", xla_quantizer)}
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def last_logits(graphdef, state, tokens):
   """Last-position logits [B, V] (f32) of a cache-less forward."""
@@ -109,8 +132,12 @@ def main(argv=None):
   p.add_argument("--formats", default=",".join(FORMATS))
   p.add_argument("--out", default=os.environ.get("OUT", "."))
   p.add_argument("--iters", type=int, default=5)
+  p.add_argument("--variants", action="store_true", help="also time VARIANTS")
   args = p.parse_args(argv)
   formats = args.formats.split(",")
+  runs = [(fmt, fmt, contextlib.nullcontext) for fmt in formats]
+  if args.variants:
+    runs += [(name, fmt, ctx) for name, (fmt, ctx) in VARIANTS.items()]
   for fmt in formats:
     if fmt not in FORMATS:
       raise SystemExit(f"--formats: unknown format {fmt!r}; expected some of {FORMATS}")
@@ -132,34 +159,11 @@ def main(argv=None):
   print(f"bf16: prefill {[round(base['prefill', b], 2) for b in batches]} ms, decode "
         f"{base['decode']:.3f} ms/step ({time.time() - t0:.0f} s)", flush=True)
   table = []
-  for fmt in formats:
+  for label, fmt, dispatch in runs:
     state = quantized_state(bf16_state, fmt, group, n_out)
-    kernel_logits = last_logits(graphdef, state, check_tokens)
-    with simulation_only():
-      sim_logits = last_logits(graphdef, state, check_tokens)
-    err = rel_err(kernel_logits, sim_logits)
-    agree = float(jnp.mean(jnp.argmax(kernel_logits, -1) == jnp.argmax(sim_logits, -1)))
-    print(f"{fmt}: kernels vs simulation logits rel. error {err:.2e}, argmax agreement "
-          f"{agree:.2f}", flush=True)
-    extra = dict(logits_rel_error_vs_simulation=err, argmax_agreement_vs_simulation=agree,
-                 weight_bytes=sum(x.nbytes for x in jax.tree.leaves(state)))
-    row = [fmt, f"{err:.1e}"]
-    for b in batches:
-      ms, spread = prefill_ms(graphdef, state, prompts[b], args.iters)
-      writer.add(case={"phase": "prefill", "format": fmt, "batch": b, "tokens": prompt_len},
-                 impl=f"lowbit {fmt} QTensors", baseline_impl="bf16 dense (same model)",
-                 median_ms=ms, baseline_median_ms=base["prefill", b],
-                 fraction_of_ceiling=None, ceiling="none (ratio to bf16 only)",
-                 tokens_per_s=b * prompt_len / ms * 1e3, spread=spread, **extra)
-      row.append(f"{ms:.1f} ms ({base['prefill', b] / ms:.2f}x)")
-    ms = common.median(decode_ms_per_step(graphdef, state, config, context=context,
-                                          steps=steps))
-    writer.add(case={"phase": "decode", "format": fmt, "batch": 1, "context": context,
-                     "steps": steps},
-               impl=f"lowbit {fmt} QTensors", baseline_impl="bf16 dense (same model)",
-               median_ms=ms, baseline_median_ms=base["decode"], fraction_of_ceiling=None,
-               ceiling="none (ratio to bf16 only)", tokens_per_s=1e3 / ms, **extra)
-    row.append(f"{ms:.3f} ms ({base['decode'] / ms:.2f}x)")
+    with dispatch():
+      row = run_format(graphdef, state, config, label, fmt, check_tokens, prompts, base,
+                       writer, args.iters, prompt_len, context, steps)
     table.append(row)
     print(" | ".join(row) + f"  ({time.time() - t0:.0f} s)", flush=True)
     del state
@@ -170,6 +174,40 @@ def main(argv=None):
         + " | ".join(f"prefill b{b} x {prompt_len}" for b in batches) + " | decode b1 |")
   for row in table:
     print("| " + " | ".join(row) + " |")
+
+
+def run_format(graphdef, state, config, label, fmt, check_tokens, prompts, base, writer,
+               iters, prompt_len, context, steps):
+  """Checks and times one quantized state (see the module docstring) -> a table row."""
+  kernel_logits = last_logits(graphdef, state, check_tokens)
+  with simulation_only():
+    sim_logits = last_logits(graphdef, state, check_tokens)
+  jax.clear_caches()  # leave the caller's dispatch in force for the timings
+  err = rel_err(kernel_logits, sim_logits)
+  agree = float(jnp.mean(jnp.argmax(kernel_logits, -1) == jnp.argmax(sim_logits, -1)))
+  print(f"{label}: kernels vs simulation logits rel. error {err:.2e}, argmax agreement "
+        f"{agree:.2f}", flush=True)
+  extra = dict(logits_rel_error_vs_simulation=err, argmax_agreement_vs_simulation=agree,
+               weight_bytes=sum(x.nbytes for x in jax.tree.leaves(state)))
+  impl = f"lowbit {fmt} QTensors" + ("" if label == fmt else f", variant {label}")
+  row = [label, f"{err:.1e}"]
+  for b, prompt in prompts.items():
+    ms, spread = prefill_ms(graphdef, state, prompt, iters)
+    writer.add(case={"phase": "prefill", "format": fmt, "batch": b, "tokens": prompt_len},
+               impl=impl, baseline_impl="bf16 dense (same model)", median_ms=ms,
+               baseline_median_ms=base["prefill", b], fraction_of_ceiling=None,
+               ceiling="none (ratio to bf16 only)", tokens_per_s=b * prompt_len / ms * 1e3,
+               spread=spread, **extra)
+    row.append(f"{ms:.1f} ms ({base['prefill', b] / ms:.2f}x)")
+  ms = common.median(decode_ms_per_step(graphdef, state, config, context=context,
+                                        steps=steps))
+  writer.add(case={"phase": "decode", "format": fmt, "batch": 1, "context": context,
+                   "steps": steps},
+             impl=impl, baseline_impl="bf16 dense (same model)", median_ms=ms,
+             baseline_median_ms=base["decode"], fraction_of_ceiling=None,
+             ceiling="none (ratio to bf16 only)", tokens_per_s=1e3 / ms, **extra)
+  row.append(f"{ms:.3f} ms ({base['decode'] / ms:.2f}x)")
+  return row
 
 
 if __name__ == "__main__":
