@@ -31,6 +31,7 @@ Results and their reading: bench/results/quantized_matmul.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import os
@@ -442,9 +443,17 @@ class Bench:
                         block_sizes=bs.__dict__, spread=res[1],
                         ratio_vs_xla_int8=(xi[0] / res[0]) if xi else None)
 
-  def w8a8_configs(self, m, n, k):
-    default = BlockSizes.get_default("int8", m, n, k)
+  def scaled_configs(self, op, m, n, k):
+    """The default tiling, and at decode sizes the same without split-K (the default
+    before split-K)."""
+    default = BlockSizes.get_default(op, m, n, k)
     out = [("pallas_gpu", default)]
+    if default.split_k > 1:
+      out.append(("pallas_gpu[no split-K]", dataclasses.replace(default, split_k=1)))
+    return out
+
+  def w8a8_configs(self, m, n, k):
+    out = self.scaled_configs("int8", m, n, k)
     if self.tiny or self.args.no_sweep or m < 1024:
       return out
     for bm, bn, bk, w, st in ((128, 128, 128, 8, 4), (128, 256, 128, 8, 3),
@@ -468,10 +477,13 @@ class Bench:
         if base is None:
           continue
         self.record(case, "xla_fp8", "xla_fp8", base[0], base[0], flops, nbytes, 2.0)
-        res = self.guarded("pallas fp8", lambda: time_op(functools.partial(gpu.fp8_matmul, interpret=self.interpret), sets,
-                                                         iters=self.iters))
-        if res is not None:
-          self.record(case, "pallas_gpu", "xla_fp8", res[0], base[0], flops, nbytes, 2.0)
+        for label, bs in self.scaled_configs("fp8", m, n, k):
+          res = self.guarded(f"fp8 {label} M={m}", lambda bs=bs: time_op(
+              functools.partial(gpu.fp8_matmul, block_sizes=bs, interpret=self.interpret),
+              sets, iters=self.iters))
+          if res is not None:
+            self.record(case, label, "xla_fp8", res[0], base[0], flops, nbytes, 2.0,
+                        block_sizes=bs.__dict__, spread=res[1])
 
   def w4a4(self, shapes, ms, n_out=128, g=128):
     for (n, k) in shapes:
@@ -562,7 +574,7 @@ def main(argv=None):
       b.w8a8([(28672, 8192)], [4096])
     print(f"[w8a8 done at {time.time() - t0:.0f}s]", flush=True)
   if "fp8" in only:
-    b.fp8(shapes[:2], [16, 4096] if not args.tiny else [33])
+    b.fp8(shapes[:2], [33] if args.tiny else ms_w8 if args.ms else [16, 4096])
   if "w4a4" in only:
     b.w4a4(shapes[:2], [1024, 4096] if not args.tiny else [33])
   print(f"\n=== summary ({time.time() - t0:.0f}s, card {b.writer.card}) ===")

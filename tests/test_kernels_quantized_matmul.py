@@ -215,16 +215,24 @@ def test_gpu_weight_only_interpret(m, n, k, g, bits, symmetric, dtype, bs):
   assert rel_err(out, want) <= KERNEL_BUDGET[dtype]
 
 
-@pytest.mark.parametrize("m,n,k,bk", [(1, 40, 200, 64), (70, 20, 96, 64)])
+@pytest.mark.parametrize("m,n,k,bk,split_k", [(1, 40, 200, 64, 1), (70, 20, 96, 64, 1),
+                                               (3, 40, 256, 32, 4), (16, 70, 256, 64, 2)])
 @pytest.mark.parametrize("op", ["int8", "fp8"])
-def test_gpu_scaled_interpret(op, m, n, k, bk):
+def test_gpu_scaled_interpret(op, m, n, k, bk, split_k):
   dtype = jnp.int8 if op == "int8" else jnp.float8_e4m3fn
   args = random_scaled((op, m, n, k), m, n, k, dtype)
   fn, rfn = ((gpu.int8_matmul, ref.int8_matmul) if op == "int8"
              else (gpu.fp8_matmul, ref.fp8_matmul))
-  bs = BlockSizes(16 if m < 64 else 64, 32, bk)
+  bs = BlockSizes(16 if m < 64 else 64, 32, bk, split_k=split_k)
   out = fn(*args, block_sizes=bs, interpret=True)
+  assert out.shape == (m, n) and out.dtype == jnp.bfloat16
   assert rel_err(out, rfn(*args)) <= KERNEL_BUDGET[jnp.bfloat16]
+
+
+def test_gpu_scaled_refuses_a_split_of_ragged_k():
+  args = random_scaled(("ragged",), 2, 32, 200, jnp.int8)
+  with pytest.raises(NotImplementedError, match="split_k=2"):
+    gpu.int8_matmul(*args, block_sizes=BlockSizes(16, 32, 64, split_k=2), interpret=True)
 
 
 @pytest.mark.parametrize("m,n,k_main,n_out,g", [(1, 40, 256, 0, 128), (5, 64, 256, 24, 64),
@@ -272,8 +280,10 @@ def test_default_block_sizes_are_valid():
       for op in ("weight_only", "int8", "fp8", "w4a4"):
         bs = BlockSizes.get_default(op, m, n, k, group_size=128, bits=4)
         bs.validate()
-        if op == "weight_only":
+        if op in ("weight_only", "int8", "fp8"):
           assert (k // 128) % bs.split_k == 0
+        if op == "w4a4":
+          assert bs.split_k == 1  # the W4A4 kernel does not split K
       tb = TpuBlockSizes.get_default(m, n, k, group_size=128, bits=4)
       assert k % tb.block_k == 0 and tb.block_n % 128 == 0 and tb.block_m % 8 == 0
 

@@ -134,8 +134,14 @@ def _weight_only_default(m: int, n: int, k: int, g: int, bits: int) -> BlockSize
 
 
 def _mma_default(op: str, m: int, n: int, k: int) -> BlockSizes:
-  del k  # No constraints: the K loop masks a ragged end.
-  if m <= 64:
+  if m <= 16 and op in ("int8", "fp8") and k % 128 == 0:
+    # Decode: memory-bound, and N / 64 tiles alone leave most SMs idle on 4096-wide
+    # layers (64 programs for 132 SMs): split K to ~8 programs per SM, as W4A16 does.
+    tiles = -(-n // 64)
+    split = _largest_divisor_at_most(k // 128, max(1, (8 * NUM_SMS) // tiles))
+    return BlockSizes(block_m=16, block_n=64, block_k=128, split_k=split, group_m=1,
+                      num_warps=4, num_stages=4)
+  if m <= 64:  # any K: the K loop masks a ragged end
     return BlockSizes(block_m=max(16, next_pow2(m)), block_n=64, block_k=128,
                       group_m=1, num_warps=4, num_stages=4)
   if m <= 256:

@@ -256,8 +256,8 @@ def _weight_only_kernel(*refs, bits: int, g: int, m: int, n: int, bs: BlockSizes
                 mask=jnp.broadcast_to(omask, acc.shape))
 
 
-def _weight_only_output(kernel, args: list, split_k: int, shape, padded, dtype):
-  """(kernel, out_shape, input_output_aliases) of a weight-only pallas_call.
+def _split_k_output(kernel, args: list, split_k: int, shape, padded, dtype):
+  """(kernel, out_shape, input_output_aliases) of a pallas_call whose grid may split K.
 
   With split_k > 1 the K splits sum their fp32 partials in place with atomics: a zero
   buffer padded to whole blocks is appended to `args` and aliased to the output (rows and
@@ -367,7 +367,7 @@ def _weight_only_gemv(x, codes, scales, zeros, *, group_size: int, bs: BlockSize
   words = lax.bitcast_convert_type(codes.reshape(n, k // 8, 4), jnp.int32)
   args = [x.reshape(m, k // g, 2, g // 8, 4), words.reshape(n, k // g, g // 8), scales]
   args += [] if symmetric else [zeros]
-  kernel_fn, out_shape, aliases = _weight_only_output(
+  kernel_fn, out_shape, aliases = _split_k_output(
       kernel, args, bs.split_k, (m, n), (m, pl.cdiv(n, bs.block_n) * bs.block_n), x.dtype)
   out = pl.pallas_call(
       kernel_fn,
@@ -445,7 +445,7 @@ def weight_only_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array,
     x = x.reshape(m, k // 2, 2)
   args = [x, codes, scales] + ([] if symmetric else [zeros])
   padded = (pl.cdiv(m, bs.block_m) * bs.block_m, pl.cdiv(n, bs.block_n) * bs.block_n)
-  kernel_fn, out_shape, aliases = _weight_only_output(kernel, args, bs.split_k, (m, n),
+  kernel_fn, out_shape, aliases = _split_k_output(kernel, args, bs.split_k, (m, n),
                                                       padded, x.dtype)
   out = pl.pallas_call(
       kernel_fn,
@@ -475,26 +475,34 @@ def _scaled_mm_kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, m: int, n: int, k:
     b = _load(w_ref, (pl.ds(n0, bn), pl.ds(k0, bk)), wm)
     return acc + _dot_nt(a, b, acc_dtype)
 
-  full_steps = k // bk
+  # Split-K (decode sizes): split pk takes the K steps [pk * steps, (pk + 1) * steps);
+  # the caller guarantees whole steps (no ragged end) when split_k > 1.
+  steps = k // bk // bs.split_k
+  first = pl.program_id(1) * steps
   acc = lax.fori_loop(
-      0, full_steps,
-      lambda i, acc: step(pl.multiple_of(i * bk, bk), acc, None),
+      0, steps,
+      lambda i, acc: step(pl.multiple_of((first + i) * bk, bk), acc, None),
       jnp.zeros((bm, bn), acc_dtype))
   if k % bk:  # the ragged last step: channels past K read as zero and add nothing
     # A traced start (program_id * 0 + c): the block runs past K, which is masked.
-    k0 = pl.program_id(0) * 0 + full_steps * bk
+    k0 = pl.program_id(0) * 0 + steps * bk
     kmask = (k0 + lax.broadcasted_iota(jnp.int32, (bk,), 0) < k)[None, :]
     acc = step(k0, acc, kmask)
   xs = _load(xs_ref, (pl.ds(m0, bm), 0), rmask)
   ws = _load(ws_ref, (pl.ds(n0, bn), 0), cmask)
-  out = (acc.astype(jnp.float32) * xs[:, None] * ws[None, :]).astype(o_ref.dtype)
+  out = acc.astype(jnp.float32) * xs[:, None] * ws[None, :]
   idx = (pl.ds(m0, bm), pl.ds(n0, bn))
   omask = _and_masks(None if rmask is None else rmask[:, None],
                      None if cmask is None else cmask[None, :])
-  if omask is None:
-    o_ref[idx] = out
+  if bs.split_k > 1:
+    # The rescale is linear: each split adds its rescaled partial into the fp32 output,
+    # padded to whole blocks (no mask needed).
+    plgpu.atomic_add(o_ref, idx, out)
+  elif omask is None:
+    o_ref[idx] = out.astype(o_ref.dtype)
   else:
-    plgpu.store(o_ref.at[idx], out, mask=jnp.broadcast_to(omask, out.shape))
+    plgpu.store(o_ref.at[idx], out.astype(o_ref.dtype),
+                mask=jnp.broadcast_to(omask, out.shape))
 
 
 def _scaled_mm(x, xs, w, ws, *, op: str, acc_dtype, out_dtype, block_sizes, interpret):
@@ -502,17 +510,27 @@ def _scaled_mm(x, xs, w, ws, *, op: str, acc_dtype, out_dtype, block_sizes, inte
   n = w.shape[0]
   bs = block_sizes or BlockSizes.get_default(op, m, n, k)
   bs.validate()
+  if bs.split_k > 1 and (k % bs.block_k or (k // bs.block_k) % bs.split_k):
+    raise NotImplementedError(
+        f"pallas_gpu {op}_matmul: split_k={bs.split_k} needs K={k} to be whole "
+        f"block_k={bs.block_k} steps that the splits divide")
   tiles = pl.cdiv(m, bs.block_m) * pl.cdiv(n, bs.block_n)
   kernel = functools.partial(_scaled_mm_kernel, m=m, n=n, k=k, bs=bs,
                              acc_dtype=acc_dtype)
-  return pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-      grid=(tiles,),
+  args = [x, xs, w, ws]
+  padded = (pl.cdiv(m, bs.block_m) * bs.block_m, pl.cdiv(n, bs.block_n) * bs.block_n)
+  kernel_fn, out_shape, aliases = _split_k_output(kernel, args, bs.split_k, (m, n), padded,
+                                                  out_dtype)
+  out = pl.pallas_call(
+      kernel_fn,
+      out_shape=out_shape,
+      grid=(tiles, bs.split_k),
+      input_output_aliases=aliases,
       compiler_params=_compiler_params(bs),
       interpret=interpret,
       name=f"{op}_matmul",
-  )(x, xs, w, ws)
+  )(*args)
+  return out[:m, :n].astype(out_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_sizes", "interpret"))
