@@ -134,9 +134,12 @@ def _weight_only_default(m: int, n: int, k: int, g: int, bits: int) -> BlockSize
 
 
 def _mma_default(op: str, m: int, n: int, k: int) -> BlockSizes:
-  if m <= 16 and op in ("int8", "fp8") and k % 128 == 0:
+  if m <= 16 and op == "int8" and k % 128 == 0:
     # Decode: memory-bound, and N / 64 tiles alone leave most SMs idle on 4096-wide
     # layers (64 programs for 132 SMs): split K to ~8 programs per SM, as W4A16 does.
+    # Measured on an H200 (quantized_matmul.md, run 9): 1.13-1.75x the unsplit kernel at
+    # M = 4 and 16 and on the 14336-deep layer at M = 1, 0.86-0.91x on the 4096-deep ones
+    # at M = 1. FP8 was slower split (0.86-0.99x) and stays unsplit.
     tiles = -(-n // 64)
     split = _largest_divisor_at_most(k // 128, max(1, (8 * NUM_SMS) // tiles))
     return BlockSizes(block_m=16, block_n=64, block_k=128, split_k=split, group_m=1,
