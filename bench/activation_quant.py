@@ -12,7 +12,11 @@ In one process on one GPU (METHOD.md):
   4. W8A8 per linear: Pallas quantizer + `quantized_matmul.int8_matmul` (its default
      dispatch) vs XLA's bf16 dot (NT layout), M in {16, 256, 4096}, N x K in {4096 x 4096,
      14336 x 4096}; the ceiling is the larger of bytes / bandwidth and FLOPs / (2 x the
-     measured bf16 rate).
+     measured bf16 rate);
+  5. `--only norm`: the quantizer fused with the RMSNorm before it (int8 per token,
+     K = 4096, M in {1, 16, 256, 4096}): the Pallas kernel's fused norm
+     (`rms_norm_weight=`), XLA's norm then the Pallas quantizer, and XLA's norm and
+     quantizer (one XLA fusion) -- the baseline.
 Timing: `bench.quantized_matmul.time_op` (one jitted call over rotating buffer sets that
 exceed L2, several calls per sample, median after warm-up). One DESIGN.md line per
 measurement in <out>/activation_quant.jsonl.
@@ -133,6 +137,32 @@ class Bench:
           print(f"quantize {name:10s} M={m:5d} K={k:6d} {ours * 1e3:9.1f} us vs XLA "
                 f"{base * 1e3:9.1f} us  x{base / ours:.2f}  HBM {frac:.2f}", flush=True)
 
+  def fused_norm(self):
+    """RMSNorm + int8 per-token quantization: where does fusing them pay?"""
+    k = self.ks[0]
+    norm_w = jax.random.uniform(_key("norm", k), (k,), jnp.float32, 0.5, 1.5).astype(
+        jnp.bfloat16)
+    impls = {
+        "pallas_fused_norm": lambda x: self.quant(x, bits=8, rms_norm_weight=norm_w),
+        "xla_norm+pallas": lambda x: self.quant(reference.rms_norm(x, norm_w, 1e-6), bits=8),
+    }
+    baseline = lambda x: reference.quantize_activations(x, bits=8, rms_norm_weight=norm_w)
+    for m in self.ms:
+      nbytes = quantizer_bytes(m, k, dict(bits=8))
+      r = 2 if self.smoke else rotations(nbytes)
+      sets = [(rand_x(m, k, i),) for i in range(r)]
+      base, _ = time_op(baseline, sets, iters=self.iters)
+      for name, fn in impls.items():
+        t, _ = time_op(fn, sets, iters=self.iters)
+        case = dict(op="rmsnorm+quantize", quantizer="int8_token", m=m, k=k,
+                    dtype="bfloat16")
+        self.writer.add(case=case, impl=name, baseline_impl="xla_norm+xla_quantize",
+                        median_ms=t, baseline_median_ms=base,
+                        fraction_of_ceiling=nbytes / self.bw * 1e3 / t,
+                        ceiling="HBM (measured copy)", bytes_moved=nbytes)
+        print(f"norm+quantize {name:18s} M={m:5d} K={k:6d} {t * 1e3:9.1f} us vs XLA "
+              f"{base * 1e3:9.1f} us  x{base / t:.2f}", flush=True)
+
   def w8a8_linear(self):
     impl = dict(interpret=True) if self.smoke else {}
 
@@ -176,7 +206,7 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   parser.add_argument("--iters", type=int, default=30)
   parser.add_argument("--only", default="check,quantize,w8a8",
-                      help="sections to run: check, quantize, w8a8")
+                      help="sections to run: check, quantize, w8a8, norm")
   parser.add_argument("--cpu-smoke", action="store_true",
                       help="tiny shapes, kernels in interpret mode, on the CPU")
   args = parser.parse_args(argv)
@@ -184,7 +214,8 @@ def main(argv=None) -> int:
     args.out = "/tmp/bench_activation_quant_smoke"
   bench = Bench(args)
   bench.ceilings()
-  sections = {"check": bench.check, "quantize": bench.quantizer, "w8a8": bench.w8a8_linear}
+  sections = {"check": bench.check, "quantize": bench.quantizer, "w8a8": bench.w8a8_linear,
+              "norm": bench.fused_norm}
   for name in args.only.split(","):
     common.guarded(name, sections[name], bench.failures)
   for failure in bench.failures:
