@@ -11,6 +11,7 @@ of many samples; never time zeros (random inputs everywhere).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -54,6 +55,23 @@ def git_commit() -> str:
     return out.stdout.strip() or "uncommitted"
   except (OSError, subprocess.CalledProcessError):
     return "uncommitted"
+
+
+@contextlib.contextmanager
+def patched(*changes: tuple[Any, str, Any]):
+  """Within the block, each (owner, name, value) sets owner.name = value (a dispatch default
+  swapped for an experiment in a benchmark process); jit caches are cleared on the way in
+  and out, so traces see the swap and later ones do not."""
+  saved = [(owner, name, getattr(owner, name)) for owner, name, _ in changes]
+  for owner, name, value in changes:
+    setattr(owner, name, value)
+  jax.clear_caches()
+  try:
+    yield
+  finally:
+    for owner, name, value in saved:
+      setattr(owner, name, value)
+    jax.clear_caches()
 
 
 def block(tree: Any) -> Any:

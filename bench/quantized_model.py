@@ -76,32 +76,18 @@ def quantized_state(state, fmt: str, group: int, n_out: int):
   return common.block(state)
 
 
-@contextlib.contextmanager
 def simulation_only():
   """Within the block `qtensor_linear` runs no kernel: W8A8 / W4A4 QTensors are simulated
   and weight-only ones take the XLA reference (dequantize, f32 dot)."""
-  saved = lowbit_nn.integer_format, qmm_api.weight_only_matmul
-  lowbit_nn.integer_format = lambda q: None
-  qmm_api.weight_only_matmul = functools.partial(saved[1], implementation="xla")
-  jax.clear_caches()
-  try:
-    yield
-  finally:
-    lowbit_nn.integer_format, qmm_api.weight_only_matmul = saved
-    jax.clear_caches()
+  return common.patched(
+      (lowbit_nn, "integer_format", lambda q: None),
+      (qmm_api, "weight_only_matmul",
+       functools.partial(qmm_api.weight_only_matmul, implementation="xla")))
 
 
-@contextlib.contextmanager
 def xla_quantizer():
   """Within the block the activation quantizer runs its XLA reference on every backend."""
-  saved = act_quant_api.backend_order
-  act_quant_api.backend_order = lambda: ("xla",)
-  jax.clear_caches()
-  try:
-    yield
-  finally:
-    act_quant_api.backend_order = saved
-    jax.clear_caches()
+  return common.patched((act_quant_api, "backend_order", lambda: ("xla",)))
 
 
 VARIANTS = {"w8a8/xla_quantizer": ("w8a8", xla_quantizer)}
@@ -182,7 +168,6 @@ def run_format(graphdef, state, config, label, fmt, check_tokens, prompts, base,
   kernel_logits = last_logits(graphdef, state, check_tokens)
   with simulation_only():
     sim_logits = last_logits(graphdef, state, check_tokens)
-  jax.clear_caches()  # leave the caller's dispatch in force for the timings
   err = rel_err(kernel_logits, sim_logits)
   agree = float(jnp.mean(jnp.argmax(kernel_logits, -1) == jnp.argmax(sim_logits, -1)))
   print(f"{label}: kernels vs simulation logits rel. error {err:.2e}, argmax agreement "

@@ -71,11 +71,9 @@ def decode_ms_per_step(graphdef, state, config, *, context: int, steps: int) -> 
   return [t / steps for t in common.time_calls(call, warmup=2, iters=5)]
 
 
-@contextlib.contextmanager
 def decode_variant(name: str):
   """Within the block, W4A16 decode matmuls run as variant `name` (see the docstring)."""
-  saved = (qmm_config._weight_only_default, qmm_api.WEIGHT_ONLY_GPU_MAX_M)
-  default_rule = saved[0]
+  default_rule = qmm_config._weight_only_default
 
   def one_launch(block_n):
     def rule(m, n, k, g, bits):
@@ -84,19 +82,12 @@ def decode_variant(name: str):
     return rule
 
   if name == "one_launch":
-    qmm_config._weight_only_default = one_launch(64)
-  elif name == "one_launch_bn32":
-    qmm_config._weight_only_default = one_launch(32)
-  elif name == "xla_dequant":
-    qmm_api.WEIGHT_ONLY_GPU_MAX_M = 0
-  else:
-    raise ValueError(f"unknown decode variant {name!r}")
-  jax.clear_caches()
-  try:
-    yield
-  finally:
-    qmm_config._weight_only_default, qmm_api.WEIGHT_ONLY_GPU_MAX_M = saved
-    jax.clear_caches()
+    return common.patched((qmm_config, "_weight_only_default", one_launch(64)))
+  if name == "one_launch_bn32":
+    return common.patched((qmm_config, "_weight_only_default", one_launch(32)))
+  if name == "xla_dequant":
+    return common.patched((qmm_api, "WEIGHT_ONLY_GPU_MAX_M", 0))
+  raise ValueError(f"unknown decode variant {name!r}")
 
 
 VARIANTS = ("one_launch", "one_launch_bn32", "xla_dequant")
