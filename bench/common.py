@@ -177,6 +177,16 @@ def measure_matmul_rate(n: int = 8192, *, iters: int = 30) -> dict:
           "best_flops_per_s": 2 * n**3 / (min(samples) * 1e-3)}
 
 
+def measure_ceilings(card: str) -> tuple[dict, dict]:
+  """(copy bandwidth, bf16 matmul rate at 8192^3) as `measure_hbm_bandwidth` and
+  `measure_matmul_rate` give them, printed in one line under the card's name."""
+  bw = measure_hbm_bandwidth(1 << 30, iters=20)
+  mm = measure_matmul_rate(8192, iters=10)
+  print(f"card={card} jax={jax.__version__} HBM={bw['bytes_per_s'] / 1e12:.2f} TB/s "
+        f"(copy) bf16={mm['flops_per_s'] / 1e12:.0f} TFLOP/s (8192^3)", flush=True)
+  return bw, mm
+
+
 class ResultWriter:
   """Appends DESIGN.md result lines to a JSONL file, one per `add`, flushed at once."""
 

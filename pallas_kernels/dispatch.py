@@ -2,8 +2,19 @@
 check of an `implementation=` override, the keyword arguments that reach a Pallas
 implementation, and the call of the first implementation that serves the case.
 
-`block_sizes=` must be the block-size type of the implementation it reaches (GPU or TPU);
-`interpret=` runs a Pallas kernel on the CPU. XLA implementations take neither.
+The rules every dispatcher follows (quantized_matmul's api adds measured exceptions):
+
+  implementation=None     the backend's order: "pallas_gpu" then "xla" on a GPU,
+                          "pallas_tpu" then "xla" on a TPU, "xla" elsewhere; a kernel that
+                          cannot serve the case raises NotImplementedError and the next is
+                          tried.
+  implementation="name"   that implementation only; its errors propagate.
+  implementation=(...)    that order.
+
+"xla" is the op's `reference.py` (plain jnp, correct everywhere). `block_sizes=` must be
+the block-size type of the implementation it reaches (`BlockSizes` for GPU,
+`TpuBlockSizes` for TPU); `interpret=` runs a Pallas kernel on the CPU (True for a GPU
+kernel, `pltpu.InterpretParams()` for a TPU one). XLA implementations take neither.
 """
 
 from __future__ import annotations

@@ -1,16 +1,7 @@
-"""The activation quantizer: the dispatcher over the Pallas kernels and the XLA reference.
-
-  implementation=None     the backend's order: "pallas_gpu" then "xla" on a GPU,
-                          "pallas_tpu" then "xla" on a TPU, "xla" elsewhere; a kernel that
-                          cannot serve the case raises NotImplementedError and the next is
-                          tried.
-  implementation="name"   that implementation only; its errors propagate.
-  implementation=(...)    that order.
-
-"xla" is `reference.py`. `block_sizes=` reaches the Pallas kernel of the matching type
-(`BlockSizes` for GPU, `TpuBlockSizes` for TPU); `interpret=` runs a Pallas kernel on the
-CPU (True for the GPU kernel, `pltpu.InterpretParams()` for the TPU one). Bad shapes,
-dtypes or settings raise ValueError naming the argument before any implementation runs.
+"""The activation quantizer: the dispatcher over the Pallas kernels and the XLA reference,
+by the rules of `pallas_kernels.dispatch` (implementation=, block_sizes=, interpret=). Bad
+shapes, dtypes or settings raise ValueError naming the argument before any implementation
+runs.
 """
 
 from __future__ import annotations
@@ -24,14 +15,14 @@ from pallas_kernels.activation_quant import reference
 from pallas_kernels.activation_quant import tpu
 from pallas_kernels.activation_quant.config import BlockSizes, TpuBlockSizes
 from pallas_kernels.activation_quant.reference import QuantizedActivations
+from pallas_kernels.dispatch import backend_order, call_first, requested_order
+
+IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "xla")
 
 # By default a permuted input of more rows than this skips the GPU kernel: its gathered
 # 2-byte loads make it slower than XLA there (H200, K = 4096 / 14336, M = 4096: 0.59x /
 # 0.34x; faster up to M = 256: bench/results/activation_quant.md).
 GPU_PERM_MAX_ROWS = 1024
-from pallas_kernels.dispatch import backend_order, call_first, requested_order
-
-IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "xla")
 
 
 def quantize_activations(x: jax.Array, *, bits: int, group_size: int | None = None,

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from pallas_kernels.triton_params import check_launch, is_pow2
+
 # An H100/H200 has 132 SMs; a memory-bound launch wants at least two programs on each.
 NUM_SMS = 132
 # The most float32 values one program holds per loaded part ([block_m, block_k]): 64 per
 # thread at 4 warps, within the register budget in the offline sm_90 compile.
 MAX_TILE = 8192
-
-
-def _is_pow2(x: int) -> bool:
-  return x > 0 and x & (x - 1) == 0
 
 
 def _pow2_at_most(x: int) -> int:
@@ -55,16 +53,13 @@ class BlockSizes:
   num_stages: int = 2
 
   def __post_init__(self):
-    if not _is_pow2(self.block_m):
+    if not is_pow2(self.block_m):
       raise ValueError(f"block_m={self.block_m} must be a power of two")
-    if not _is_pow2(self.block_k) or self.block_k < 16:
+    if not is_pow2(self.block_k) or self.block_k < 16:
       raise ValueError(f"block_k={self.block_k} must be a power of two >= 16")
-    if not _is_pow2(self.groups_per_step):
+    if not is_pow2(self.groups_per_step):
       raise ValueError(f"groups_per_step={self.groups_per_step} must be a power of two")
-    if self.num_warps not in (1, 2, 4, 8, 16):
-      raise ValueError(f"num_warps={self.num_warps} must be a power of two <= 16")
-    if self.num_stages < 1:
-      raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+    check_launch(self.num_warps, self.num_stages)
 
   @classmethod
   def get_default(cls, m: int, k_main: int, group_size: int, bits: int) -> "BlockSizes":

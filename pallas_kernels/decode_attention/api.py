@@ -1,16 +1,6 @@
-"""Paged decode attention: the dispatcher over the Pallas kernels and the XLA reference.
-
-  implementation=None     the backend's order: "pallas_gpu" then "xla" on a GPU,
-                          "pallas_tpu" then "xla" on a TPU, "xla" elsewhere; a kernel that
-                          cannot serve the case raises NotImplementedError and the next is
-                          tried.
-  implementation="name"   that implementation only; its errors propagate.
-  implementation=(...)    that order.
-
-"xla" is `reference.py` (plain jnp, correct everywhere). `block_sizes=` reaches the Pallas
-kernel of the matching type (`BlockSizes` for GPU, `TpuBlockSizes` for TPU); `interpret=`
-runs a Pallas kernel on the CPU (True for the GPU kernel, `pltpu.InterpretParams()` for the
-TPU one). Bad shapes raise ValueError naming the argument before any implementation runs.
+"""Paged decode attention: the dispatcher over the Pallas kernels and the XLA reference,
+by the rules of `pallas_kernels.dispatch` (implementation=, block_sizes=, interpret=). Bad
+shapes raise ValueError naming the argument before any implementation runs.
 """
 
 from __future__ import annotations

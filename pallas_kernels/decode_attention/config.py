@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from pallas_kernels.triton_params import is_pow2
+
 # Triton's tensor-core dot needs every tile dimension >= 16 (mma.m16n8k16): the G query
 # heads of a kv head are padded to this many rows.
 MIN_DOT_DIM = 16
@@ -25,10 +27,6 @@ NUM_SMS = 132
 # latency (the quantized matmul's decode sweep found ~8 per SM best; attention programs
 # are larger, each streams block_t x H keys and values per step).
 PROGRAMS_PER_SM = 4
-
-
-def _is_pow2(x: int) -> bool:
-  return x > 0 and x & (x - 1) == 0
 
 
 def next_pow2(x: int) -> int:
@@ -55,7 +53,7 @@ class BlockSizes:
 
   def validate(self, page_size: int) -> None:
     bt = self.pages_per_block * page_size
-    if self.pages_per_block < 1 or not _is_pow2(bt) or bt < MIN_DOT_DIM:
+    if self.pages_per_block < 1 or not is_pow2(bt) or bt < MIN_DOT_DIM:
       raise ValueError(f"pages_per_block={self.pages_per_block} x page_size={page_size} "
                        f"= {bt} tokens per block must be a power of two >= {MIN_DOT_DIM}")
     if self.num_splits is not None and self.num_splits < 1:

@@ -17,10 +17,7 @@ import dataclasses
 
 from pallas_kernels.decode_attention import config as paged_config
 from pallas_kernels.decode_attention.config import MIN_DOT_DIM
-
-
-def _is_pow2(x: int) -> bool:
-  return x > 0 and x & (x - 1) == 0
+from pallas_kernels.triton_params import check_launch, is_pow2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,14 +39,11 @@ class BlockSizes:
   num_stages: int = 2
 
   def __post_init__(self):
-    if not _is_pow2(self.block_t) or self.block_t < MIN_DOT_DIM:
+    if not is_pow2(self.block_t) or self.block_t < MIN_DOT_DIM:
       raise ValueError(f"block_t={self.block_t} must be a power of two >= {MIN_DOT_DIM}")
     if self.num_splits is not None and self.num_splits < 1:
       raise ValueError(f"num_splits={self.num_splits} must be >= 1")
-    if self.num_warps not in (1, 2, 4, 8, 16):
-      raise ValueError(f"num_warps={self.num_warps} must be a power of two <= 16")
-    if self.num_stages < 1:
-      raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+    check_launch(self.num_warps, self.num_stages)
 
   @classmethod
   def get_default(cls) -> "BlockSizes":

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from pallas_kernels.triton_params import is_pow2
+
 # Triton's tensor-core dot needs every tile dimension >= 16 (mma.m16n8k16), and Pallas'
 # Triton lowering needs every block dimension to be a power of two.
 MIN_DOT_DIM = 16
@@ -23,10 +25,6 @@ NUM_SMS = 132
 
 def next_pow2(x: int) -> int:
   return 1 << max(0, (int(x) - 1).bit_length())
-
-
-def _is_pow2(x: int) -> bool:
-  return x > 0 and x & (x - 1) == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +79,9 @@ class BlockSizes:
     for name in ("block_m", "block_n", "block_k"):
       v = getattr(self, name)
       least = 1 if self.cuda_cores and name == "block_n" else MIN_DOT_DIM
-      if not _is_pow2(v) or v < least:
+      if not is_pow2(v) or v < least:
         raise ValueError(f"{name}={v} must be a power of two >= {least}")
-    if not _is_pow2(self.groups_per_step):
+    if not is_pow2(self.groups_per_step):
       raise ValueError(f"groups_per_step={self.groups_per_step} must be a power of two")
     if self.code_word not in (8, 16):
       raise ValueError(f"code_word={self.code_word} must be 8 or 16")
