@@ -44,9 +44,8 @@ import numpy as np
 from jax import lax
 
 from bench import common
-from pallas_kernels.quantized_matmul import gpu
-from pallas_kernels.quantized_matmul import reference
-from pallas_kernels.quantized_matmul.config import BlockSizes, NUM_SMS
+from pallas_kernels.quantized_matmul import gpu, mosaic_gpu, reference
+from pallas_kernels.quantized_matmul.config import NUM_SMS, BlockSizes
 
 BENCH = "quantized_matmul"
 NT = (((1,), (1,)), ((), ()))
@@ -195,6 +194,28 @@ def decode_configs(m, n, k, g):
   return list(out.items())
 
 
+def mosaic_label(bs):
+  return (f"mosaic[bn{bs.block_n} st{bs.max_concurrent_steps} sk{bs.split_k or 'auto'} "
+          f"wait{bs.wgmma_pending}]")
+
+
+MOSAIC_CONFIGS = (  # run 10's best tilings at M = 1 and 16 (14336x4096), and 64-wide tiles
+    mosaic_gpu.MosaicBlockSizes(block_n=128, max_concurrent_steps=4),
+    mosaic_gpu.MosaicBlockSizes(block_n=128, max_concurrent_steps=4, wgmma_pending=1),
+    mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=4),
+)
+
+
+MOSAIC_CHECKS = [  # m, n, k, g, block sizes
+    (1, 4096, 4096, 128, mosaic_gpu.MosaicBlockSizes()),
+    (4, 14336, 4096, 128, mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=8)),
+    (16, 1024, 2048, 64, mosaic_gpu.MosaicBlockSizes(block_n=256, wgmma_pending=1)),
+    (13, 512, 1024, 64, mosaic_gpu.MosaicBlockSizes(split_k=4)),
+    (7, 256, 1024, 256, mosaic_gpu.MosaicBlockSizes(block_n=64, split_k=2)),
+    (100, 384, 2048, 128, mosaic_gpu.MosaicBlockSizes(wgmma_pending=1)),
+]
+
+
 DECODE_CHECKS = [  # m, n, k, g, symmetric, block sizes
     (1, 4096, 4096, 128, True, BlockSizes(block_n=128, split_k=2, cuda_cores=True)),
     (3, 1000, 1024, 64, False, BlockSizes(block_n=64, groups_per_step=2, cuda_cores=True)),
@@ -282,6 +303,16 @@ class Bench:
           label, gpu.weight_only_matmul(x, codes, scales, zeros, bits=4, group_size=g,
                                         block_sizes=bs, interpret=ip),
           reference.weight_only_matmul(x, codes, scales, zeros, bits=4, group_size=g)))
+    for (m, n, k, g, bs) in MOSAIC_CHECKS:
+      if self.tiny and m * n * k > 5e6:
+        continue
+      x = rand_x(m, k, 11)
+      codes, scales, _ = rand_w4(n, k, g, 11, True)
+      label = f"w4a16 g{g} sym {mosaic_label(bs)} {m}x{n}x{k}"
+      self.guarded(label, lambda: add(
+          label, mosaic_gpu.weight_only_matmul(x, codes, scales, bits=4, group_size=g,
+                                               block_sizes=bs, interpret=self.interpret),
+          reference.weight_only_matmul(x, codes, scales, None, bits=4, group_size=g)))
     if decode_only:
       return rows
     for (m, n, k, g, sym, bits, cw) in [(1, 4096, 4096, 128, True, 4, 8),
@@ -354,9 +385,10 @@ class Bench:
                       bytes_w + io)
         for label, bs in configs(m, n, k, g):
           def run(bs=bs):
-            op = lambda x, c, s: gpu.weight_only_matmul(x, c, s, bits=4, group_size=g,
-                                                        block_sizes=bs,
-                                                        interpret=self.interpret)
+            kernel = mosaic_gpu if isinstance(bs, mosaic_gpu.MosaicBlockSizes) else gpu
+            op = lambda x, c, s: kernel.weight_only_matmul(x, c, s, bits=4, group_size=g,
+                                                           block_sizes=bs,
+                                                           interpret=self.interpret)
             return time_op(op, [(xs[i], wsets[i][0], wsets[i][1]) for i in range(r4)],
                            iters=self.iters)
           res = self.guarded(f"w4a16 {label} M={m} {n}x{k}", run)
@@ -365,6 +397,53 @@ class Bench:
           self.record(case, label, "xla_bf16", res[0], base_ms, flops, bytes_w + io,
                       block_sizes=bs.__dict__, spread=res[1],
                       ratio_vs_dequant_dot=(deq[0] / res[0]) if deq else None)
+
+  def mosaic(self, shapes, ms):
+    """Mosaic GPU W4A16 (g128, symmetric) against XLA bf16 and the Triton default: the
+    whole op (operand prep, kernel, split-K sum) per tiling, and the first tiling's kernel
+    alone on prepared operands (what the XLA glue around it costs)."""
+    g = 128
+    for (n, k) in shapes:
+      bytes_w = n * k // 2 + n * (k // g) * 4
+      wsets = [rand_w4(n, k, g, i) for i in range(rotations(bytes_w))]
+      wb = [jax.random.normal(_key("wb", n, k, i), (n, k), jnp.bfloat16)
+            for i in range(rotations(2 * n * k))]
+      for m in ms:
+        io = 2 * m * k + 2 * m * n
+        r4, rb = min(len(wsets), rotations(bytes_w + io)), min(len(wb), rotations(2 * n * k + io))
+        xs = [rand_x(m, k, i) for i in range(max(r4, rb))]
+        case = {"op": "w4a16", "m": m, "n": n, "k": k, "group_size": g, "symmetric": True}
+        flops = 2 * m * n * k
+        base = self.guarded("bf16", lambda: time_op(
+            xla_bf16, [(xs[i], wb[i]) for i in range(rb)], iters=self.iters))
+        if base is None:
+          continue
+        self.record({**case, "op": "bf16"}, "xla_bf16", "xla_bf16", base[0], base[0], flops,
+                    2 * n * k + io, spread=base[1])
+        sets = [(xs[i], wsets[i][0], wsets[i][1]) for i in range(r4)]
+        default = BlockSizes.get_default("weight_only", m, n, k, group_size=g, bits=4)
+        candidates = [("pallas_gpu", gpu, default)]
+        candidates += [(mosaic_label(bs), mosaic_gpu, bs) for bs in MOSAIC_CONFIGS
+                       if n % bs.block_n == 0]
+        for label, kernel, bs in candidates:
+          op = functools.partial(kernel.weight_only_matmul, bits=4, group_size=g,
+                                 block_sizes=bs, interpret=self.interpret)
+          res = self.guarded(f"{label} M={m} {n}x{k}", lambda: time_op(op, sets,
+                                                                         iters=self.iters))
+          if res:
+            self.record(case, label, "xla_bf16", res[0], base[0], flops, bytes_w + io,
+                        block_sizes=bs.__dict__, spread=res[1])
+        bs = MOSAIC_CONFIGS[0]
+        prep = jax.jit(functools.partial(mosaic_gpu.kernel_operands, group_size=g,
+                                         interpret=self.interpret))
+        prepared = [common.block(prep(*st)) for st in sets]
+        op = functools.partial(mosaic_gpu.partial_products, group_size=g, block_sizes=bs,
+                               interpret=self.interpret)
+        res = self.guarded(f"kernel only M={m} {n}x{k}", lambda: time_op(op, prepared,
+                                                                          iters=self.iters))
+        if res:
+          self.record(case, "kernel_only " + mosaic_label(bs), "xla_bf16", res[0], base[0],
+                      flops, bytes_w + io, block_sizes=bs.__dict__, spread=res[1])
 
   def w4a16_configs(self, m, n, k, g):
     default = BlockSizes.get_default("weight_only", m, n, k, group_size=g, bits=4)
@@ -546,7 +625,7 @@ def main(argv=None):
     return 0
   b.ceilings()
   if "check" in only:
-    b.check(decode_only=only == {"check", "decode"})
+    b.check(decode_only=bool(only & {"decode", "mosaic"}) and not only & {"w4a16", "w8a8"})
   if args.tiny:
     shapes, ms_w4, ms_w8 = [(256, 512)], [1, 20], [33]
   else:
@@ -554,6 +633,14 @@ def main(argv=None):
     ms_w4 = ms_w8 = [1, 16, 64, 256, 1024, 4096]
     if args.ms:
       ms_w4 = ms_w8 = [int(v) for v in args.ms.split(",")]
+  if "mosaic" in only:
+    if args.tiny:
+      b.mosaic([(256, 512)], [1, 20])
+    else:
+      b.mosaic([(14336, 4096), (4096, 4096), (4096, 14336), (28672, 8192)],
+               [int(v) for v in (args.ms or "1,4,16").split(",")])
+      b.mosaic([(14336, 4096), (4096, 14336)], [64, 256])
+    print(f"[mosaic done at {time.time() - t0:.0f}s]", flush=True)
   if "decode" in only:
     decode_shapes = ([(256, 512)] if args.tiny else
                      [(14336, 4096), (4096, 4096), (4096, 14336), (28672, 8192)])

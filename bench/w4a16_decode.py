@@ -10,9 +10,10 @@ the same model with the dequantized weights as dense bf16 arrays.
 (an experiment on where a step's time goes; each variant swaps one default in this process
 only and re-traces): "one_launch" (the Pallas kernel without split-K: no zero-filled fp32
 buffer, no atomics, bf16 written directly), "one_launch_bn32" (the same with 32-wide tiles,
-twice the programs), "xla_dequant" (XLA's dequantize-then-dot for every M).
+twice the programs), "xla_dequant" (XLA's dequantize-then-dot for every M), "triton" (the
+Pallas-Triton kernel where the dispatcher would pick the Mosaic GPU one).
 
-  python -m bench.w4a16_decode [--tiny] [--variants] [--out DIR]
+  python -m bench.w4a16_decode [--tiny] [--variants [NAME,...]] [--out DIR]
 """
 
 from __future__ import annotations
@@ -87,17 +88,20 @@ def decode_variant(name: str):
     return common.patched((qmm_config, "_weight_only_default", one_launch(32)))
   if name == "xla_dequant":
     return common.patched((qmm_api, "WEIGHT_ONLY_GPU_MAX_M", 0))
+  if name == "triton":
+    return common.patched((qmm_api, "MOSAIC_GPU_MAX_M", 0))
   raise ValueError(f"unknown decode variant {name!r}")
 
 
-VARIANTS = ("one_launch", "one_launch_bn32", "xla_dequant")
+VARIANTS = ("one_launch", "one_launch_bn32", "xla_dequant", "triton")
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny config")
   parser.add_argument("--out", default=os.environ.get("OUT", "."))
-  parser.add_argument("--variants", action="store_true", help="also time VARIANTS")
+  parser.add_argument("--variants", nargs="?", const=",".join(VARIANTS), default="",
+                      help="also time these VARIANTS (comma-separated; all if no value)")
   args = parser.parse_args(argv)
   config = tiny_config() if args.tiny else llama3_8b_config()
   group = 32 if args.tiny else 128
@@ -120,7 +124,7 @@ def main(argv=None):
                   - nnx.merge(graphdef, state).embed.embedding.get_value().nbytes)
   roofline_ms = weight_bytes / (bw["bytes_per_s"]) * 1e3
   ms_bf16 = common.median(bf16)
-  variants = ("default",) + (VARIANTS if args.variants else ())
+  variants = ("default",) + tuple(v for v in args.variants.split(",") if v)
   for variant in variants:
     context_manager = (contextlib.nullcontext() if variant == "default"
                        else decode_variant(variant))

@@ -13,7 +13,7 @@ The rules every dispatcher follows (quantized_matmul's api adds measured excepti
 
 "xla" is the op's `reference.py` (plain jnp, correct everywhere). `block_sizes=` must be
 the block-size type of the implementation it reaches (`BlockSizes` for GPU,
-`TpuBlockSizes` for TPU); `interpret=` runs a Pallas kernel on the CPU (True for a GPU
+`TpuBlockSizes` for TPU, the op's own type for a Mosaic GPU kernel); `interpret=` runs a Pallas kernel on the CPU (True for a GPU
 kernel, `pltpu.InterpretParams()` for a TPU one). XLA implementations take neither.
 """
 
@@ -42,13 +42,13 @@ def requested_order(implementation: str | Sequence[str],
   return names
 
 
-def kernel_kwargs(name: str, block_sizes, interpret, *, gpu_type: type,
-                  tpu_type: type) -> dict[str, Any]:
-  """The extra keyword arguments of implementation `name` ("pallas_gpu", "pallas_tpu", or
-  an XLA one, which takes none)."""
-  if not name.startswith("pallas"):
+def kernel_kwargs(name: str, block_sizes, interpret, *, gpu_type: type, tpu_type: type,
+                  mosaic_type: type | None = None) -> dict[str, Any]:
+  """The extra keyword arguments of implementation `name` ("pallas_gpu", "pallas_tpu",
+  "mosaic_gpu", or an XLA one, which takes none)."""
+  want = {"pallas_gpu": gpu_type, "pallas_tpu": tpu_type, "mosaic_gpu": mosaic_type}.get(name)
+  if want is None:
     return {}
-  want = gpu_type if name == "pallas_gpu" else tpu_type
   kwargs: dict[str, Any] = {"interpret": interpret}
   if block_sizes is not None:
     if not isinstance(block_sizes, want):
@@ -60,7 +60,7 @@ def kernel_kwargs(name: str, block_sizes, interpret, *, gpu_type: type,
 
 def call_first(op: str, names: Sequence[str], fns: Mapping[str, Callable], args: tuple,
                kwargs: Mapping[str, Any], *, block_sizes, interpret, gpu_type: type,
-               tpu_type: type):
+               tpu_type: type, mosaic_type: type | None = None):
   """`fns[name](*args, **kwargs)` (plus its kernel keyword arguments) for the first name in
   `names` that serves the case: an implementation that cannot raises NotImplementedError
   and the next is tried. With one name its own error propagates; otherwise all are named."""
@@ -72,7 +72,8 @@ def call_first(op: str, names: Sequence[str], fns: Mapping[str, Callable], args:
       continue
     try:
       return fn(*args, **kwargs, **kernel_kwargs(name, block_sizes, interpret,
-                                                 gpu_type=gpu_type, tpu_type=tpu_type))
+                                                 gpu_type=gpu_type, tpu_type=tpu_type,
+                                                 mosaic_type=mosaic_type))
     except NotImplementedError as e:
       errors.append(e)
   if len(names) == 1:

@@ -24,9 +24,11 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.quantized_matmul import api
 from pallas_kernels.quantized_matmul import gpu
+from pallas_kernels.quantized_matmul import mosaic_gpu
 from pallas_kernels.quantized_matmul import reference as ref
 from pallas_kernels.quantized_matmul import tpu
 from pallas_kernels.quantized_matmul.config import BlockSizes, TpuBlockSizes
+from pallas_kernels.quantized_matmul.mosaic_gpu import MosaicBlockSizes
 from kernel_checks import assert_lowers_for_cuda, assert_lowers_for_tpu, rel_err
 
 # Relative (Frobenius) error of the reference on quantized operands vs the float product.
@@ -272,6 +274,95 @@ def test_gpu_refuses_what_it_cannot_serve():
                            block_sizes=gemv)
   with pytest.raises(ValueError, match="groups_per_step"):
     BlockSizes(block_n=8, groups_per_step=3, cuda_cores=True).validate()
+
+
+# ---------------------------------------------------------------------------------------
+# The Mosaic GPU W4A16 kernel in Mosaic GPU's interpreter
+
+MOSAIC_CASES = [  # m, n, k, g, block sizes
+    (1, 128, 512, 128, MosaicBlockSizes()),
+    (5, 256, 512, 64, MosaicBlockSizes(block_n=64, split_k=2)),
+    (16, 128, 1024, 256, MosaicBlockSizes(split_k=2, max_concurrent_steps=2,
+                                          wgmma_pending=1)),
+    (33, 192, 256, 128, MosaicBlockSizes(block_n=64)),
+    (64, 128, 256, 64, MosaicBlockSizes(wgmma_pending=1)),
+]
+
+
+@pytest.mark.parametrize("m,n,k,g,bs", MOSAIC_CASES)
+def test_mosaic_gpu_weight_only_interpret(m, n, k, g, bs):
+  x, codes, scales, _ = random_weight_only(("mosaic", m, n, k, g), m, n, k, g, 4, True)
+  want = ref.weight_only_matmul(x, codes, scales, bits=4, group_size=g)
+  out = mosaic_gpu.weight_only_matmul(x, codes, scales, bits=4, group_size=g,
+                                      block_sizes=bs, interpret=True)
+  assert out.shape == (m, n) and out.dtype == x.dtype
+  assert rel_err(out, want) <= KERNEL_BUDGET[jnp.bfloat16]
+
+
+def test_mosaic_gpu_operand_views_keep_the_product():
+  """The int4 view of the packed codes times the permuted x is the same product (up to the
+  float32 summation order)."""
+  x, codes, scales, _ = random_weight_only(("views",), 3, 16, 256, 64, 4, True, jnp.float32)
+  w = ref.unpack_4bit(codes, 64).astype(jnp.float32)                    # [N, K]
+  w4 = mosaic_gpu.int4_view(codes).astype(jnp.float32)                  # [N, K] permuted
+  hi = jax.lax.Precision.HIGHEST
+  np.testing.assert_allclose(jnp.dot(mosaic_gpu.permute_x(x, 64), w4.T, precision=hi),
+                             jnp.dot(x, w.T, precision=hi), rtol=1e-5, atol=2e-4)
+
+
+def test_mosaic_gpu_refuses_what_it_cannot_serve():
+  x, codes, scales, zeros = random_weight_only(("mrefuse",), 4, 128, 256, 128, 4, False)
+  with pytest.raises(NotImplementedError, match="symmetric 4-bit"):
+    mosaic_gpu.weight_only_matmul(x, codes, scales, zeros, bits=4, group_size=128)
+  x8, codes8, scales8, _ = random_weight_only(("mrefuse8",), 4, 128, 256, 128, 8, True)
+  with pytest.raises(NotImplementedError, match="symmetric 4-bit"):
+    mosaic_gpu.weight_only_matmul(x8, codes8, scales8, bits=8, group_size=128)
+  x, codes, scales, _ = random_weight_only(("mrefuse32",), 4, 128, 256, 32, 4, True)
+  with pytest.raises(NotImplementedError, match="group_size=32"):
+    mosaic_gpu.weight_only_matmul(x, codes, scales, bits=4, group_size=32)
+  x, codes, scales, _ = random_weight_only(("mrefuse_n",), 4, 100, 256, 128, 4, True)
+  with pytest.raises(NotImplementedError, match="N=100"):
+    mosaic_gpu.weight_only_matmul(x, codes, scales, bits=4, group_size=128)
+  x, codes, scales, _ = random_weight_only(("mrefuse_m",), 65, 128, 256, 128, 4, True)
+  with pytest.raises(NotImplementedError, match="M=65"):
+    mosaic_gpu.weight_only_matmul(x, codes, scales, bits=4, group_size=128)
+  with pytest.raises(ValueError, match="split_k=3"):
+    mosaic_gpu.weight_only_matmul(x[:4], codes, scales, bits=4, group_size=128,
+                                  block_sizes=MosaicBlockSizes(split_k=3))
+  with pytest.raises(ValueError, match="block_n=96"):
+    MosaicBlockSizes(block_n=96)
+  with pytest.raises(ValueError, match="wgmma_pending=2"):
+    MosaicBlockSizes(wgmma_pending=2)
+
+
+def test_mosaic_gpu_lowers_for_cuda():
+  fn = functools.partial(mosaic_gpu.weight_only_matmul, bits=4, group_size=128)
+  args = (sds((4, 4096), BF16), sds((4096, 2048), I8), sds((4096, 32), F32))
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+def test_api_starts_large_symmetric_w4a16_decode_at_mosaic(monkeypatch):
+  monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+  big = api.MOSAIC_GPU_MIN_WEIGHTS
+  order = api._order("weight_only_matmul", None, api.MOSAIC_GPU_MAX_M, weights=big)
+  assert order == ("mosaic_gpu", "pallas_gpu", "xla_dequant", "xla")
+  assert api._order("weight_only_matmul", None, api.MOSAIC_GPU_MAX_M + 1,
+                    weights=big)[0] == "pallas_gpu"
+  assert api._order("weight_only_matmul", None, 1, weights=big // 2)[0] == "pallas_gpu"
+  # A Triton tiling asks for the Triton kernel.
+  assert api._order("weight_only_matmul", None, 1, weights=big,
+                    block_sizes=BlockSizes())[0] == "pallas_gpu"
+  # Asymmetric codes: the Mosaic kernel refuses, the Triton kernel serves.
+  monkeypatch.undo()
+  x, codes, scales, zeros = random_weight_only(("api-mosaic",), 2, 128, 256, 128, 4, False)
+  out = api.weight_only_matmul(x, codes, scales, zeros, bits=4, group_size=128,
+                               implementation=("mosaic_gpu", "pallas_gpu"), interpret=True)
+  want = ref.weight_only_matmul(x, codes, scales, zeros, bits=4, group_size=128)
+  assert rel_err(out, want) <= KERNEL_BUDGET[jnp.bfloat16]
+  with pytest.raises(TypeError, match="MosaicBlockSizes"):
+    api.weight_only_matmul(x, codes, scales, zeros, bits=4, group_size=128,
+                           implementation="mosaic_gpu", block_sizes=BlockSizes())
 
 
 def test_default_block_sizes_are_valid():

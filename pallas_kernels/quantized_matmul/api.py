@@ -6,8 +6,9 @@ Each function picks an implementation by backend, shape and dtype (DESIGN.md "Ke
                           "pallas_tpu" then "xla" on a TPU, "xla" elsewhere; a kernel that
                           cannot serve the case raises NotImplementedError and the next is
                           tried. On a GPU, large-M W4A16 / W8A16 and FP8 start
-                          at XLA instead (measured; see WEIGHT_ONLY_GPU_MAX_M and
-                          FP8_GPU_MAX_M).
+                          at XLA instead, and small-M W4A16 on large weights at
+                          "mosaic_gpu" (measured; see WEIGHT_ONLY_GPU_MAX_M,
+                          MOSAIC_GPU_MAX_M and FP8_GPU_MAX_M).
   implementation="name"   that implementation only; its errors propagate.
   implementation=(...)    that order.
 
@@ -27,11 +28,13 @@ import jax.numpy as jnp
 
 from pallas_kernels.dispatch import backend_order, call_first, requested_order
 from pallas_kernels.quantized_matmul import gpu
+from pallas_kernels.quantized_matmul import mosaic_gpu
 from pallas_kernels.quantized_matmul import reference
 from pallas_kernels.quantized_matmul import tpu
 from pallas_kernels.quantized_matmul.config import BlockSizes, TpuBlockSizes
+from pallas_kernels.quantized_matmul.mosaic_gpu import MosaicBlockSizes
 
-IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "xla_dequant", "xla")
+IMPLEMENTATIONS = ("mosaic_gpu", "pallas_gpu", "pallas_tpu", "xla_dequant", "xla")
 
 # W4A16 / W8A16 on a GPU: above this many tokens XLA's dequantize-then-dot wins. Pallas'
 # Triton lowering cannot keep a float accumulator in the wgmma registers (it emits
@@ -39,6 +42,15 @@ IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "xla_dequant", "xla")
 # waits for its wgmma; measured on an H200 (bench/results/quantized_matmul.md): the
 # kernel leads up to M = 256 and trails from M = 1024.
 WEIGHT_ONLY_GPU_MAX_M = 256
+
+# Symmetric W4A16 on a GPU starts at the Mosaic GPU kernel (TMA ring, one float32 wgmma
+# accumulator) for up to this many tokens and weights of at least this many codes; the
+# kernel refuses what it does not serve (asymmetric, 8-bit, N not a multiple of its tile)
+# and the Triton kernel takes over. Measured on an H200 (quantized_matmul.md, runs 10-12):
+# 1.2-1.25x the Triton kernel at M <= 16 and 1.35x at M = 64 on the 14336-, 28672- and
+# 4096x14336 projections; slower on 4096x4096, where its operand glue dominates.
+MOSAIC_GPU_MAX_M = 64
+MOSAIC_GPU_MIN_WEIGHTS = 1 << 25
 
 # FP8 on a GPU: Pallas' Triton lowering emits its fp8 dot without `maxNumImpreciseAcc`,
 # and Triton then upcasts both operands to fp16 (mma.sync HMMA instead of fp8 wgmma; seen
@@ -48,7 +60,8 @@ WEIGHT_ONLY_GPU_MAX_M = 256
 FP8_GPU_MAX_M = 64
 
 
-def _order(op: str, implementation, m: int | None = None) -> tuple[str, ...]:
+def _order(op: str, implementation, m: int | None = None, weights: int = 0,
+           block_sizes=None) -> tuple[str, ...]:
   if implementation is None:
     backend = jax.default_backend()
     if op == "fp8" and backend == "gpu":
@@ -56,6 +69,10 @@ def _order(op: str, implementation, m: int | None = None) -> tuple[str, ...]:
     if op == "weight_only_matmul" and backend == "gpu":
       if m is not None and m > WEIGHT_ONLY_GPU_MAX_M:
         return ("xla_dequant", "xla")
+      mosaic_tiling = block_sizes is None or isinstance(block_sizes, MosaicBlockSizes)
+      if (m is not None and m <= MOSAIC_GPU_MAX_M and weights >= MOSAIC_GPU_MIN_WEIGHTS
+          and mosaic_tiling):
+        return ("mosaic_gpu", "pallas_gpu", "xla_dequant", "xla")
       return ("pallas_gpu", "xla_dequant", "xla")
     return backend_order()
   return requested_order(implementation, IMPLEMENTATIONS)
@@ -63,15 +80,18 @@ def _order(op: str, implementation, m: int | None = None) -> tuple[str, ...]:
 
 def _dispatch(op: str, fns: dict[str, Callable], implementation, block_sizes, interpret,
               *args, **kwargs):
-  return call_first(op, _order(op, implementation, m=args[0].shape[0]), fns, args, kwargs,
-                    block_sizes=block_sizes, interpret=interpret, gpu_type=BlockSizes,
-                    tpu_type=TpuBlockSizes)
+  weights = args[0].shape[1] * args[2].shape[0]  # K x N
+  order = _order(op, implementation, m=args[0].shape[0], weights=weights,
+                 block_sizes=block_sizes)
+  return call_first(op, order, fns, args, kwargs, block_sizes=block_sizes,
+                    interpret=interpret, gpu_type=BlockSizes, tpu_type=TpuBlockSizes,
+                    mosaic_type=MosaicBlockSizes)
 
 
 def weight_only_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array,
                        zeros: jax.Array | None = None, *, bits: int, group_size: int,
                        implementation: str | Sequence[str] | None = None,
-                       block_sizes: BlockSizes | TpuBlockSizes | None = None,
+                       block_sizes: BlockSizes | TpuBlockSizes | MosaicBlockSizes | None = None,
                        interpret: Any = False) -> jax.Array:
   """W4A16 / W8A16: x [M, K] (bf16/f32) @ dequant(codes [N, K(/2)]).T -> [M, N] in x.dtype.
 
@@ -85,8 +105,8 @@ def weight_only_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array,
     group_size: input channels per scale.
     implementation, block_sizes, interpret: see the module docstring.
   """
-  fns = {"pallas_gpu": gpu.weight_only_matmul, "pallas_tpu": tpu.weight_only_matmul,
-         "xla_dequant": reference.weight_only_matmul_dequant_dot,
+  fns = {"mosaic_gpu": mosaic_gpu.weight_only_matmul, "pallas_gpu": gpu.weight_only_matmul,
+         "pallas_tpu": tpu.weight_only_matmul, "xla_dequant": reference.weight_only_matmul_dequant_dot,
          "xla": reference.weight_only_matmul}
   return _dispatch("weight_only_matmul", fns, implementation, block_sizes, interpret,
                    x, codes, scales, zeros, bits=bits, group_size=group_size)

@@ -1,0 +1,242 @@
+"""W4A16 on Hopper through Mosaic GPU: a TMA load ring and wgmma with the weights in registers.
+
+Why a second GPU backend: every Pallas-Triton W4A16 variant stays at 25-35% of HBM at
+decode sizes (bench/results/quantized_matmul.md), because Triton waits for each group's
+loads and MMAs. Mosaic GPU lets the kernel keep `max_concurrent_steps` groups of codes in
+flight through TMA while the warpgroup unpacks and multiplies the current one.
+
+Per K step (one quantization group of g channels) a program:
+  1. waits for its TMA copy of the codes [block_n, g] (int4), x [mp, g] (bf16) and the
+     group's scales [1, block_n] (f32);
+  2. loads the codes into registers in the 4-bit upcast layout, moves them (still 4-bit)
+     to the wgmma operand layout and converts them to bf16 (Mosaic GPU's int4 -> bf16
+     path: bit tricks, no int->float instruction);
+  3. multiplies each row by its scale (bf16), so one float32 accumulator runs over all of
+     K and no group waits for its MMA to finish before the next is issued;
+  4. issues wgmma(acc [block_n, mp], w [block_n, g], x^T [g, mp]).
+The output is computed transposed ([N, mp], tokens minor: wgmma's N is the token count,
+padded to a multiple of 8), with split-K partials summed by XLA.
+
+Layout contract: the QTensor's symmetric 4-bit codes (int8 bytes, "group_halves": byte j
+of a group holds code j low and code j + g/2 high, two's-complement nibbles) are read as
+an int4 [N, K] array. XLA's int4 order puts a byte's low nibble first, so element 2j + h
+of a group is code j + h * g/2; x is permuted the same way (a transpose of [g/2, 2] inside
+each group), which leaves the product unchanged. Asymmetric codes and 8-bit codes are
+refused (NotImplementedError: the dispatcher falls back to the Triton kernel).
+
+Rounding: each weight is dequantized to bf16 (code x scale rounded once) before the
+tensor-core product, as XLA's dequantize-then-dot does; the Triton kernel scales fp32
+group partials instead. Both are within the weight-only error budget of the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.quantized_matmul import reference
+
+# wgmma's M is 64 per warpgroup; its N (the tokens here) is a multiple of 8. Up to 64
+# tokens: at 256, 4 ring stages of x tiles plus the output tile pass the 227 KB of shared
+# memory (measured on an H200: 297 KB asked for).
+WGMMA_ROWS = 64
+TOKEN_MULTIPLE = 8
+MAX_TOKENS = 64
+# Groups the kernel serves: wgmma needs the int4 tile's rows [g/2 bytes] swizzled, >= 32 B.
+GROUP_SIZES = (64, 128, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBlockSizes:
+  """Tiling of the Mosaic GPU W4A16 kernel.
+
+  Attributes:
+    block_n: output channels per program, a multiple of 64 (one wgmma M per 64 rows).
+    split_k: programs that share one output tile along K; must divide the group count.
+      Their float32 partials are summed by XLA. None picks enough programs for the GPU.
+    max_concurrent_steps: groups of codes in flight per program (the TMA ring depth).
+    wgmma_pending: wgmma groups left running when a step ends (0 or 1); 1 overlaps a
+      group's MMA with the next group's unpack and holds its x tile one step longer.
+  """
+  block_n: int = 128
+  split_k: int | None = None
+  max_concurrent_steps: int = 4
+  wgmma_pending: int = 1
+
+  def __post_init__(self):
+    if self.block_n <= 0 or self.block_n % WGMMA_ROWS:
+      raise ValueError(f"block_n={self.block_n} must be a positive multiple of {WGMMA_ROWS}")
+    if self.split_k is not None and self.split_k < 1:
+      raise ValueError(f"split_k={self.split_k} must be >= 1")
+    if self.wgmma_pending not in (0, 1):
+      raise ValueError(f"wgmma_pending={self.wgmma_pending} must be 0 or 1")
+    if self.max_concurrent_steps < 1:
+      raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 1")
+
+
+NUM_SMS = 132
+
+
+def default_split_k(n_tiles: int, n_groups: int) -> int:
+  """Enough programs for ~2 per SM, with the split dividing the group count."""
+  split = 1
+  while n_tiles * split < 2 * NUM_SMS and n_groups % (2 * split) == 0 and split < 16:
+    split *= 2
+  return split
+
+
+def _swizzle_transforms(minor_bytes: int, bits: int) -> tuple:
+  swizzle = next(s for s in (128, 64, 32, 16) if minor_bytes % s == 0)
+  return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
+
+
+def interpret_params():
+  """The `interpret=` value that runs this kernel on the CPU (Mosaic GPU's interpreter)."""
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  return InterpretGPUParams()
+
+
+def int4_view(codes: jax.Array) -> jax.Array:
+  """int8 bytes [N, K/2] -> int4 [N, K]: element 2j + h is byte j's low (h=0) / high nibble."""
+  n, half = codes.shape
+  return lax.bitcast_convert_type(codes, jnp.int4).reshape(n, 2 * half)
+
+
+def permute_x(x: jax.Array, group_size: int) -> jax.Array:
+  """x [M, K] in the int4 view's order: within each group, channel j + h * g/2 -> 2j + h."""
+  m, k = x.shape
+  halves = x.reshape(m, k // group_size, 2, group_size // 2)
+  return halves.swapaxes(2, 3).reshape(m, k)
+
+
+def check(x, codes, scales, zeros, *, bits: int, group_size: int,
+          block_sizes: MosaicBlockSizes) -> None:
+  """Raises NotImplementedError for the cases this kernel does not serve."""
+  reference.validate_weight_only(x, codes, scales, zeros, bits=bits, group_size=group_size)
+  m, k = x.shape
+  n = codes.shape[0]
+  if bits != 4 or zeros is not None:
+    raise NotImplementedError(f"mosaic_gpu W4A16 serves symmetric 4-bit codes only "
+                              f"({bits=}, zeros {'given' if zeros is not None else 'None'})")
+  if group_size not in GROUP_SIZES:
+    raise NotImplementedError(f"mosaic_gpu W4A16: {group_size=} not in {GROUP_SIZES}")
+  if n % block_sizes.block_n:
+    raise NotImplementedError(f"mosaic_gpu W4A16: N={n} is not a multiple of "
+                              f"block_n={block_sizes.block_n}")
+  if m > MAX_TOKENS:
+    raise NotImplementedError(f"mosaic_gpu W4A16: M={m} > {MAX_TOKENS}")
+  split = block_sizes.split_k or 1
+  if (k // group_size) % split:
+    raise ValueError(f"split_k={split} must divide the {k // group_size} groups of K={k}")
+
+
+def kernel_operands(x: jax.Array, codes: jax.Array, scales: jax.Array, *, group_size: int,
+                    interpret=False) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The kernel's inputs from the QTensor arrays: x permuted and padded to mp tokens
+  ([mp, K] bf16, or [K, mp] for the interpreter), the codes as int4 [N, K], the scales as
+  [G, N] so that one group's scales are one contiguous row."""
+  m = x.shape[0]
+  mp = -(-m // TOKEN_MULTIPLE) * TOKEN_MULTIPLE
+  x_perm = jnp.pad(permute_x(x.astype(jnp.bfloat16), group_size), ((0, mp - m), (0, 0)))
+  # wgmma wants x K-minor (a transposed smem view; its N = mp is too narrow to swizzle
+  # the other way); the interpreter's wgmma reads no transposed views, so it gets x^T.
+  x_operand = x_perm.T if interpret else x_perm
+  return x_operand, int4_view(codes), scales.T
+
+
+def partial_products(x_operand: jax.Array, w4: jax.Array, scales_t: jax.Array, *,
+                     group_size: int, block_sizes: MosaicBlockSizes,
+                     interpret=False) -> jax.Array:
+  """The kernel: float32 partial products [split_k, N, mp] from `kernel_operands`."""
+  if interpret is True:
+    interpret = interpret_params()
+  bs = block_sizes
+  g = group_size
+  n, k = w4.shape
+  mp = x_operand.shape[1] if interpret else x_operand.shape[0]
+  n_groups = k // g
+  n_tiles = n // bs.block_n
+  split = bs.split_k or default_split_k(n_tiles, n_groups)
+  steps = n_groups // split
+
+  # The interpreter models neither smem tilings and swizzles nor register layouts; both
+  # change no values.
+  swizzled = (lambda minor_bytes, bits: ()) if interpret else _swizzle_transforms
+  in_layout = (lambda value, layout: value) if interpret else plgpu.layout_cast
+
+  def kernel(w_gmem, x_gmem, s_gmem, o_gmem, *w_staging):
+    tile = lax.axis_index("n")
+    part = lax.axis_index("k")
+    rows = pl.ds(tile * bs.block_n, bs.block_n)
+
+    def step(_, w_smem, x_smem, s_smem, acc_ref):
+      w = in_layout(w_smem[...], plgpu.Layout.WGMMA_UPCAST_4X)  # int4 [bn, g]
+      w = in_layout(w, plgpu.Layout.WGMMA).astype(jnp.bfloat16)          # bf16 [bn, g]
+      s = in_layout(s_smem[0], plgpu.Layout.WGMMA.reduce(1))     # f32 [bn]
+      w = w * lax.broadcast_in_dim(s.astype(jnp.bfloat16), w.shape, [0])
+      if interpret:  # the interpreter's wgmma takes its left operand from smem only
+        w_staging[0][...] = w
+        w = w_staging[0]
+      x_t = x_smem if interpret else plgpu.transpose_ref(x_smem, (1, 0))    # [g, mp]
+      plgpu.wgmma(acc_ref, w, x_t)                                        # [bn, mp]
+      plgpu.wgmma_wait(bs.wgmma_pending)
+
+    def acc_scope(acc_ref):
+      plgpu.emit_pipeline(
+          functools.partial(step, acc_ref=acc_ref),
+          grid=(steps,),
+          in_specs=[
+              plgpu.BlockSpec((bs.block_n, g), lambda i: (0, part * steps + i),
+                              transforms=swizzled(g // 2, 4)),
+              plgpu.BlockSpec((g, mp), lambda i: (part * steps + i, 0)) if interpret else
+              plgpu.BlockSpec((mp, g), lambda i: (0, part * steps + i),
+                              transforms=_swizzle_transforms(2 * g, 16),
+                              delay_release=bs.wgmma_pending),
+              plgpu.BlockSpec((1, bs.block_n), lambda i: (part * steps + i, 0)),
+          ],
+          max_concurrent_steps=bs.max_concurrent_steps,
+      )(w_gmem.at[rows], x_gmem, s_gmem.at[:, rows])
+      return acc_ref[...]
+
+    acc = pl.run_scoped(acc_scope, plgpu.ACC((bs.block_n, mp)))
+
+    @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bs.block_n, mp), jnp.float32))
+    def _store(o_smem):
+      o_smem[...] = acc
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[part, rows])
+      plgpu.wait_smem_to_gmem(0)
+
+  return plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((split, n, mp), jnp.float32),
+      grid=(n_tiles, split),
+      grid_names=("n", "k"),
+      scratch_types=[plgpu.SMEM((bs.block_n, g), jnp.bfloat16)] if interpret else [],
+      interpret=interpret,
+  )(w4, x_operand, scales_t)
+
+
+def weight_only_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array,
+                       zeros: jax.Array | None = None, *, bits: int, group_size: int,
+                       block_sizes: MosaicBlockSizes | None = None,
+                       interpret=False) -> jax.Array:
+  """Symmetric W4A16: x [M, K] @ dequant(codes [N, K/2]).T -> [M, N] in x.dtype.
+
+  `interpret=True` (as for the Triton kernels) or an `InterpretGPUParams` runs the kernel
+  in Mosaic GPU's interpreter on the CPU.
+  """
+  if interpret is True:
+    interpret = interpret_params()
+  bs = block_sizes or MosaicBlockSizes()
+  check(x, codes, scales, zeros, bits=bits, group_size=group_size, block_sizes=bs)
+  operands = kernel_operands(x, codes, scales, group_size=group_size, interpret=interpret)
+  partials = partial_products(*operands, group_size=group_size, block_sizes=bs,
+                              interpret=interpret)                  # [split, N, mp] f32
+  return partials.sum(axis=0)[:, :x.shape[0]].T.astype(x.dtype)
