@@ -195,13 +195,11 @@ def decode_configs(m, n, k, g):
 
 
 def mosaic_label(bs):
-  return (f"mosaic[bn{bs.block_n} st{bs.max_concurrent_steps} sk{bs.split_k or 'auto'} "
-          f"wait{bs.wgmma_pending}]")
+  return f"mosaic[bn{bs.block_n} st{bs.max_concurrent_steps} sk{bs.split_k or 'auto'}]"
 
 
-MOSAIC_CONFIGS = (  # run 10's best tilings at M = 1 and 16 (14336x4096), and 64-wide tiles
+MOSAIC_CONFIGS = (  # run 10's best tilings at M = 1 and 16 (14336x4096)
     mosaic_gpu.MosaicBlockSizes(block_n=128, max_concurrent_steps=4),
-    mosaic_gpu.MosaicBlockSizes(block_n=128, max_concurrent_steps=4, wgmma_pending=1),
     mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=4),
 )
 
@@ -209,10 +207,12 @@ MOSAIC_CONFIGS = (  # run 10's best tilings at M = 1 and 16 (14336x4096), and 64
 MOSAIC_CHECKS = [  # m, n, k, g, block sizes
     (1, 4096, 4096, 128, mosaic_gpu.MosaicBlockSizes()),
     (4, 14336, 4096, 128, mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=8)),
-    (16, 1024, 2048, 64, mosaic_gpu.MosaicBlockSizes(block_n=256, wgmma_pending=1)),
+    (16, 1024, 2048, 64, mosaic_gpu.MosaicBlockSizes(block_n=256)),
     (13, 512, 1024, 64, mosaic_gpu.MosaicBlockSizes(split_k=4)),
     (7, 256, 1024, 256, mosaic_gpu.MosaicBlockSizes(block_n=64, split_k=2)),
-    (100, 384, 2048, 128, mosaic_gpu.MosaicBlockSizes(wgmma_pending=1)),
+    (64, 384, 2048, 128, mosaic_gpu.MosaicBlockSizes(max_concurrent_steps=8)),
+    (16, 14336, 4096, 128, mosaic_gpu.MosaicBlockSizes()),
+    (1, 4096, 14336, 128, mosaic_gpu.MosaicBlockSizes()),
 ]
 
 

@@ -282,10 +282,9 @@ def test_gpu_refuses_what_it_cannot_serve():
 MOSAIC_CASES = [  # m, n, k, g, block sizes
     (1, 128, 512, 128, MosaicBlockSizes()),
     (5, 256, 512, 64, MosaicBlockSizes(block_n=64, split_k=2)),
-    (16, 128, 1024, 256, MosaicBlockSizes(split_k=2, max_concurrent_steps=2,
-                                          wgmma_pending=1)),
+    (16, 128, 1024, 256, MosaicBlockSizes(split_k=2, max_concurrent_steps=2)),
     (33, 192, 256, 128, MosaicBlockSizes(block_n=64)),
-    (64, 128, 256, 64, MosaicBlockSizes(wgmma_pending=1)),
+    (64, 128, 256, 64, MosaicBlockSizes(max_concurrent_steps=1)),
 ]
 
 
@@ -331,8 +330,8 @@ def test_mosaic_gpu_refuses_what_it_cannot_serve():
                                   block_sizes=MosaicBlockSizes(split_k=3))
   with pytest.raises(ValueError, match="block_n=96"):
     MosaicBlockSizes(block_n=96)
-  with pytest.raises(ValueError, match="wgmma_pending=2"):
-    MosaicBlockSizes(wgmma_pending=2)
+  with pytest.raises(ValueError, match="max_concurrent_steps=0"):
+    MosaicBlockSizes(max_concurrent_steps=0)
 
 
 def test_mosaic_gpu_lowers_for_cuda():
@@ -342,17 +341,9 @@ def test_mosaic_gpu_lowers_for_cuda():
   assert "mosaic_gpu" in text
 
 
-def test_api_starts_large_symmetric_w4a16_decode_at_mosaic(monkeypatch):
+def test_api_mosaic_gpu_is_opt_in_and_falls_through(monkeypatch):
   monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
-  big = api.MOSAIC_GPU_MIN_WEIGHTS
-  order = api._order("weight_only_matmul", None, api.MOSAIC_GPU_MAX_M, weights=big)
-  assert order == ("mosaic_gpu", "pallas_gpu", "xla_dequant", "xla")
-  assert api._order("weight_only_matmul", None, api.MOSAIC_GPU_MAX_M + 1,
-                    weights=big)[0] == "pallas_gpu"
-  assert api._order("weight_only_matmul", None, 1, weights=big // 2)[0] == "pallas_gpu"
-  # A Triton tiling asks for the Triton kernel.
-  assert api._order("weight_only_matmul", None, 1, weights=big,
-                    block_sizes=BlockSizes())[0] == "pallas_gpu"
+  assert "mosaic_gpu" not in api._order("weight_only_matmul", None, 1)
   # Asymmetric codes: the Mosaic kernel refuses, the Triton kernel serves.
   monkeypatch.undo()
   x, codes, scales, zeros = random_weight_only(("api-mosaic",), 2, 128, 256, 128, 4, False)

@@ -46,9 +46,8 @@ split-K, one launch, weights as the left operand, a CUDA-core GEMV), while XLA r
 same code layout at 67-99%: the loads in flight per SM, which Pallas-Triton does not let a
 kernel control, are the limit (results file, runs 5-7).
 
-Future work: Mosaic GPU (an explicit TMA / cp.async ring, wgmma with register-level
-unpack, as tokamax's sm90 quantized ragged_dot) where it beats Triton on Hopper;
-Marlin-style pre-shuffled 4-bit layouts.
+`mosaic_gpu.py` holds a Mosaic GPU W4A16 kernel (TMA ring, wgmma with register-level
+unpack; opt-in, see its results). Future work: Marlin-style pre-shuffled 4-bit layouts.
 """
 
 from __future__ import annotations
