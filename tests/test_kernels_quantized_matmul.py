@@ -285,6 +285,9 @@ MOSAIC_CASES = [  # m, n, k, g, block sizes
     (16, 128, 1024, 256, MosaicBlockSizes(split_k=2, max_concurrent_steps=2)),
     (33, 192, 256, 128, MosaicBlockSizes(block_n=64)),
     (64, 128, 256, 64, MosaicBlockSizes(max_concurrent_steps=1)),
+    # Scales read per program from [N, G] (4 groups per program by the default split).
+    (5, 256, 1024, 128, MosaicBlockSizes(scale_slab=True)),
+    (3, 128, 2048, 64, MosaicBlockSizes(block_n=64, split_k=2, scale_slab=True)),
 ]
 
 
@@ -309,6 +312,16 @@ def test_mosaic_gpu_operand_views_keep_the_product():
                              jnp.dot(x, w.T, precision=hi), rtol=1e-5, atol=2e-4)
 
 
+def test_mosaic_gpu_int4_view_of_constant_codes():
+  """XLA's constant folder gets an int8 -> int4 bitcast wrong; closed-over weights must not
+  reach it."""
+  packed = jnp.array([[0x21, 0x43, -0x79, 0x7F]], jnp.int8)
+  want = [[1, 2, 3, 4, 7, -8, -1, 7]]
+  np.testing.assert_array_equal(mosaic_gpu.int4_view(packed).astype(jnp.int32), want)
+  np.testing.assert_array_equal(
+      jax.jit(lambda: mosaic_gpu.int4_view(packed).astype(jnp.int32))(), want)
+
+
 def test_mosaic_gpu_refuses_what_it_cannot_serve():
   x, codes, scales, zeros = random_weight_only(("mrefuse",), 4, 128, 256, 128, 4, False)
   with pytest.raises(NotImplementedError, match="symmetric 4-bit"):
@@ -328,6 +341,9 @@ def test_mosaic_gpu_refuses_what_it_cannot_serve():
   with pytest.raises(ValueError, match="split_k=3"):
     mosaic_gpu.weight_only_matmul(x[:4], codes, scales, bits=4, group_size=128,
                                   block_sizes=MosaicBlockSizes(split_k=3))
+  with pytest.raises(NotImplementedError, match="not a multiple of 4"):  # 2 groups
+    mosaic_gpu.weight_only_matmul(x[:4], codes, scales, bits=4, group_size=128,
+                                  block_sizes=MosaicBlockSizes(scale_slab=True))
   with pytest.raises(ValueError, match="block_n=96"):
     MosaicBlockSizes(block_n=96)
   with pytest.raises(ValueError, match="max_concurrent_steps=0"):

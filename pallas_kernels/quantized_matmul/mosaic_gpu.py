@@ -67,10 +67,14 @@ class MosaicBlockSizes:
     split_k: programs that share one output tile along K; must divide the group count.
       Their float32 partials are summed by XLA. None picks enough programs for the GPU.
     max_concurrent_steps: groups of codes in flight per program (the TMA ring depth).
+    scale_slab: each program copies its [block_n, groups] slab of the [N, G] scales once,
+      instead of XLA transposing all scales to [G, N] per call for a row per step; needs a
+      multiple of 4 groups per program (16-byte TMA rows). Not yet timed on a GPU.
   """
   block_n: int = 128
   split_k: int | None = None
   max_concurrent_steps: int = 4
+  scale_slab: bool = False
 
   def __post_init__(self):
     if self.block_n <= 0 or self.block_n % WGMMA_ROWS:
@@ -84,12 +88,18 @@ class MosaicBlockSizes:
 NUM_SMS = 132
 
 
-def default_split_k(n_tiles: int, n_groups: int) -> int:
-  """Enough programs for ~2 per SM, with the split dividing the group count."""
+def default_split_k(n_tiles: int, n_groups: int, steps_multiple: int = 1) -> int:
+  """Enough programs for ~2 per SM: the split doubles while it divides the group count
+  into a multiple of `steps_multiple` groups per program."""
   split = 1
-  while n_tiles * split < 2 * NUM_SMS and n_groups % (2 * split) == 0 and split < 16:
+  while (n_tiles * split < 2 * NUM_SMS and split < 16 and n_groups % (2 * split) == 0
+         and (n_groups // (2 * split)) % steps_multiple == 0):
     split *= 2
   return split
+
+
+def _split_k(bs: MosaicBlockSizes, n: int, n_groups: int) -> int:
+  return bs.split_k or default_split_k(n // bs.block_n, n_groups, 4 if bs.scale_slab else 1)
 
 
 def _swizzle_transforms(minor_bytes: int, bits: int) -> tuple:
@@ -104,8 +114,13 @@ def interpret_params():
 
 
 def int4_view(codes: jax.Array) -> jax.Array:
-  """int8 bytes [N, K/2] -> int4 [N, K]: element 2j + h is byte j's low (h=0) / high nibble."""
+  """int8 bytes [N, K/2] -> int4 [N, K]: element 2j + h is byte j's low (h=0) / high nibble.
+
+  The optimization barrier keeps XLA from constant-folding the bitcast when the codes are a
+  jit constant (closed-over weights): its folder (jax 0.10.2, CPU) gets the nibbles wrong.
+  """
   n, half = codes.shape
+  codes = lax.optimization_barrier(codes)
   return lax.bitcast_convert_type(codes, jnp.int4).reshape(n, 2 * half)
 
 
@@ -132,29 +147,36 @@ def check(x, codes, scales, zeros, *, bits: int, group_size: int,
                               f"block_n={block_sizes.block_n}")
   if m > MAX_TOKENS:
     raise NotImplementedError(f"mosaic_gpu W4A16: M={m} > {MAX_TOKENS}")
-  split = block_sizes.split_k or 1
-  if (k // group_size) % split:
-    raise ValueError(f"split_k={split} must divide the {k // group_size} groups of K={k}")
+  n_groups = k // group_size
+  split = _split_k(block_sizes, n, n_groups)
+  if n_groups % split:
+    raise ValueError(f"split_k={split} must divide the {n_groups} groups of K={k}")
+  if block_sizes.scale_slab and (n_groups // split) % 4:
+    raise NotImplementedError(f"mosaic_gpu W4A16 scale_slab: {n_groups // split} groups per "
+                              "program is not a multiple of 4 (16-byte TMA rows)")
 
 
 def kernel_operands(x: jax.Array, codes: jax.Array, scales: jax.Array, *, group_size: int,
+                    scale_slab: bool = False,
                     interpret=False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The kernel's inputs from the QTensor arrays: x permuted and padded to mp tokens
   ([mp, K] bf16, or [K, mp] for the interpreter), the codes as int4 [N, K], the scales as
-  [G, N] so that one group's scales are one contiguous row."""
+  [G, N] so that one group's scales are one contiguous row (as they are, [N, G], for
+  `scale_slab`)."""
   m = x.shape[0]
   mp = -(-m // TOKEN_MULTIPLE) * TOKEN_MULTIPLE
   x_perm = jnp.pad(permute_x(x.astype(jnp.bfloat16), group_size), ((0, mp - m), (0, 0)))
   # wgmma wants x K-minor (a transposed smem view; its N = mp is too narrow to swizzle
   # the other way); the interpreter's wgmma reads no transposed views, so it gets x^T.
   x_operand = x_perm.T if interpret else x_perm
-  return x_operand, int4_view(codes), scales.T
+  return x_operand, int4_view(codes), scales if scale_slab else scales.T
 
 
 def partial_products(x_operand: jax.Array, w4: jax.Array, scales_t: jax.Array, *,
                      group_size: int, block_sizes: MosaicBlockSizes,
                      interpret=False) -> jax.Array:
-  """The kernel: float32 partial products [split_k, N, mp] from `kernel_operands`."""
+  """The kernel: float32 partial products [split_k, N, mp] from `kernel_operands`
+  (scales [G, N], or [N, G] with `block_sizes.scale_slab`)."""
   if interpret is True:
     interpret = interpret_params()
   bs = block_sizes
@@ -163,7 +185,7 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales_t: jax.Array, *
   mp = x_operand.shape[1] if interpret else x_operand.shape[0]
   n_groups = k // g
   n_tiles = n // bs.block_n
-  split = bs.split_k or default_split_k(n_tiles, n_groups)
+  split = _split_k(bs, n, n_groups)
   steps = n_groups // split
 
   # The interpreter models neither smem tilings and swizzles nor register layouts; both
@@ -171,19 +193,29 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales_t: jax.Array, *
   swizzled = (lambda minor_bytes, bits: ()) if interpret else _swizzle_transforms
   in_layout = (lambda value, layout: value) if interpret else plgpu.layout_cast
 
-  def kernel(w_gmem, x_gmem, s_gmem, o_gmem, *w_staging):
+  def kernel(w_gmem, x_gmem, s_gmem, o_gmem, *scratch):
     tile = lax.axis_index("n")
     part = lax.axis_index("k")
     rows = pl.ds(tile * bs.block_n, bs.block_n)
+    if bs.scale_slab:
+      s_slab, s_arrived = scratch[:2]                                     # f32 [bn, steps]
+      plgpu.copy_gmem_to_smem(s_gmem.at[rows, pl.ds(part * steps, steps)], s_slab, s_arrived)
+      plgpu.barrier_wait(s_arrived)
+    w_staging = scratch[-1] if interpret else None
 
-    def step(_, w_smem, x_smem, s_smem, acc_ref):
+    def step(indices, w_smem, x_smem, *s_smem, acc_ref):
       w = in_layout(w_smem[...], plgpu.Layout.WGMMA_UPCAST_4X)  # int4 [bn, g]
       w = in_layout(w, plgpu.Layout.WGMMA).astype(jnp.bfloat16)          # bf16 [bn, g]
-      s = in_layout(s_smem[0], plgpu.Layout.WGMMA.reduce(1))     # f32 [bn]
+      if bs.scale_slab:  # a strided column of the slab: one scalar load per value
+        s = (s_slab[:, indices[0]] if interpret else
+             plgpu.load(s_slab.at[:, indices[0]], (), layout=plgpu.Layout.WGMMA.reduce(1),
+                        optimized=False))                       # f32 [bn]
+      else:
+        s = in_layout(s_smem[0][0], plgpu.Layout.WGMMA.reduce(1))   # f32 [bn]
       w = w * lax.broadcast_in_dim(s.astype(jnp.bfloat16), w.shape, [0])
       if interpret:  # the interpreter's wgmma takes its left operand from smem only
-        w_staging[0][...] = w
-        w = w_staging[0]
+        w_staging[...] = w
+        w = w_staging
       x_t = x_smem if interpret else plgpu.transpose_ref(x_smem, (1, 0))    # [g, mp]
       plgpu.wgmma(acc_ref, w, x_t)                                        # [bn, mp]
       # Each step waits for its wgmma. Leaving one in flight (wgmma_wait(1), the x slot
@@ -200,10 +232,10 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales_t: jax.Array, *
               plgpu.BlockSpec((g, mp), lambda i: (part * steps + i, 0)) if interpret else
               plgpu.BlockSpec((mp, g), lambda i: (0, part * steps + i),
                               transforms=_swizzle_transforms(2 * g, 16)),
-              plgpu.BlockSpec((1, bs.block_n), lambda i: (part * steps + i, 0)),
-          ],
+          ] + ([] if bs.scale_slab else
+               [plgpu.BlockSpec((1, bs.block_n), lambda i: (part * steps + i, 0))]),
           max_concurrent_steps=bs.max_concurrent_steps,
-      )(w_gmem.at[rows], x_gmem, s_gmem.at[:, rows])
+      )(w_gmem.at[rows], x_gmem, *([] if bs.scale_slab else [s_gmem.at[:, rows]]))
       return acc_ref[...]
 
     acc = pl.run_scoped(acc_scope, plgpu.ACC((bs.block_n, mp)))
@@ -220,7 +252,10 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales_t: jax.Array, *
       out_type=jax.ShapeDtypeStruct((split, n, mp), jnp.float32),
       grid=(n_tiles, split),
       grid_names=("n", "k"),
-      scratch_types=[plgpu.SMEM((bs.block_n, g), jnp.bfloat16)] if interpret else [],
+      scratch_types=(
+          ([plgpu.SMEM((bs.block_n, steps), jnp.float32), plgpu.Barrier()]
+           if bs.scale_slab else [])
+          + ([plgpu.SMEM((bs.block_n, g), jnp.bfloat16)] if interpret else [])),
       interpret=interpret,
   )(w4, x_operand, scales_t)
 
@@ -238,7 +273,8 @@ def weight_only_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array,
     interpret = interpret_params()
   bs = block_sizes or MosaicBlockSizes()
   check(x, codes, scales, zeros, bits=bits, group_size=group_size, block_sizes=bs)
-  operands = kernel_operands(x, codes, scales, group_size=group_size, interpret=interpret)
+  operands = kernel_operands(x, codes, scales, group_size=group_size,
+                             scale_slab=bs.scale_slab, interpret=interpret)
   partials = partial_products(*operands, group_size=group_size, block_sizes=bs,
                               interpret=interpret)                  # [split, N, mp] f32
   return partials.sum(axis=0)[:, :x.shape[0]].T.astype(x.dtype)
