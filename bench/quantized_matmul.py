@@ -362,56 +362,9 @@ class Bench:
     return rows
 
   # -- speed
-  def w4a16(self, shapes, ms, configs=None, with_dequant=True):
-    """W4A16 g128 against XLA bf16 (and XLA dequantize-then-dot); `configs(m, n, k, g)`
-    gives the (label, BlockSizes) to time, by default `w4a16_configs`."""
-    g = 128
-    configs = configs or self.w4a16_configs
-    for (n, k) in shapes:
-      bytes_w = n * k // 2 + n * (k // g) * 4
-      r = rotations(bytes_w)
-      wsets = [rand_w4(n, k, g, i) for i in range(r)]
-      wb = [jax.random.normal(_key("wb", n, k, i), (n, k), jnp.bfloat16)
-            for i in range(rotations(2 * n * k))]
-      for m in ms:
-        io = 2 * m * k + 2 * m * n
-        r4, rb = min(len(wsets), rotations(bytes_w + io)), min(len(wb), rotations(2 * n * k + io))
-        xs = [rand_x(m, k, i) for i in range(max(r4, rb))]
-        case = {"op": "w4a16", "m": m, "n": n, "k": k, "group_size": g, "symmetric": True}
-        flops = 2 * m * n * k
-        base = self.guarded("bf16", lambda: time_op(
-            xla_bf16, [(xs[i], wb[i]) for i in range(rb)], iters=self.iters))
-        if base is None:
-          continue
-        base_ms = base[0]
-        self.record({**case, "op": "bf16"}, "xla_bf16", "xla_bf16", base_ms, base_ms,
-                    flops, 2 * n * k + io, spread=base[1])
-        deq = with_dequant and self.guarded("dequant", lambda: time_op(
-            functools.partial(xla_dequant_dot, g=g),
-            [(xs[i], wsets[i][0], wsets[i][1]) for i in range(r4)], iters=self.iters))
-        if deq:
-          self.record(case, "xla_dequant_dot", "xla_bf16", deq[0], base_ms, flops,
-                      bytes_w + io)
-        for label, bs in configs(m, n, k, g):
-          def run(bs=bs):
-            kernel = mosaic_gpu if isinstance(bs, mosaic_gpu.MosaicBlockSizes) else gpu
-            op = lambda x, c, s: kernel.weight_only_matmul(x, c, s, bits=4, group_size=g,
-                                                           block_sizes=bs,
-                                                           interpret=self.interpret)
-            return time_op(op, [(xs[i], wsets[i][0], wsets[i][1]) for i in range(r4)],
-                           iters=self.iters)
-          res = self.guarded(f"w4a16 {label} M={m} {n}x{k}", run)
-          if res is None:
-            continue
-          self.record(case, label, "xla_bf16", res[0], base_ms, flops, bytes_w + io,
-                      block_sizes=bs.__dict__, spread=res[1],
-                      ratio_vs_dequant_dot=(deq[0] / res[0]) if deq else None)
-
-  def mosaic(self, shapes, ms):
-    """Mosaic GPU W4A16 (g128, symmetric) against XLA bf16 and the Triton default: the
-    whole op (operand prep, kernel, split-K sum) per tiling, and the first tiling's kernel
-    alone on prepared operands (what the XLA glue around it costs)."""
-    g = 128
+  def _w4a16_cases(self, shapes, ms, g=128):
+    """Per (N x K, M): random W4A16 inputs and XLA bf16 timed and recorded as the baseline.
+    Yields (case, flops, bytes of the W4A16 op, baseline ms, W4A16 arg sets)."""
     for (n, k) in shapes:
       bytes_w = n * k // 2 + n * (k // g) * 4
       wsets = [rand_w4(n, k, g, i) for i in range(rotations(bytes_w))]
@@ -429,30 +382,60 @@ class Bench:
           continue
         self.record({**case, "op": "bf16"}, "xla_bf16", "xla_bf16", base[0], base[0], flops,
                     2 * n * k + io, spread=base[1])
-        sets = [(xs[i], wsets[i][0], wsets[i][1]) for i in range(r4)]
-        default = BlockSizes.get_default("weight_only", m, n, k, group_size=g, bits=4)
-        candidates = [("pallas_gpu", gpu, default)]
-        candidates += [(mosaic_label(bs), mosaic_gpu, bs) for bs in MOSAIC_CONFIGS
-                       if n % bs.block_n == 0]
-        for label, kernel, bs in candidates:
-          op = functools.partial(kernel.weight_only_matmul, bits=4, group_size=g,
-                                 block_sizes=bs, interpret=self.interpret)
-          res = self.guarded(f"{label} M={m} {n}x{k}", lambda: time_op(
-              op, sets, iters=self.iters, r=MOSAIC_ROTATIONS))
-          if res:
-            self.record(case, label, "xla_bf16", res[0], base[0], flops, bytes_w + io,
-                        block_sizes=bs.__dict__, spread=res[1])
-        bs = MOSAIC_CONFIGS[0]
-        prep = jax.jit(functools.partial(mosaic_gpu.kernel_operands, group_size=g,
-                                         interpret=self.interpret))
-        prepared = [common.block(prep(*st)) for st in sets[:MOSAIC_ROTATIONS]]
-        op = functools.partial(mosaic_gpu.partial_products, group_size=g, block_sizes=bs,
+        yield case, flops, bytes_w + io, base[0], [(xs[i], *wsets[i][:2]) for i in range(r4)]
+
+  def w4a16(self, shapes, ms, configs=None, with_dequant=True):
+    """W4A16 g128 against XLA bf16 (and XLA dequantize-then-dot); `configs(m, n, k, g)`
+    gives the (label, BlockSizes) to time, by default `w4a16_configs`."""
+    g = 128
+    configs = configs or self.w4a16_configs
+    for case, flops, nbytes, base_ms, sets in self._w4a16_cases(shapes, ms, g):
+      deq = with_dequant and self.guarded("dequant", lambda: time_op(
+          functools.partial(xla_dequant_dot, g=g), sets, iters=self.iters))
+      if deq:
+        self.record(case, "xla_dequant_dot", "xla_bf16", deq[0], base_ms, flops, nbytes)
+      m, n, k = case["m"], case["n"], case["k"]
+      for label, bs in configs(m, n, k, g):
+        op = functools.partial(gpu.weight_only_matmul, bits=4, group_size=g, block_sizes=bs,
                                interpret=self.interpret)
-        res = self.guarded(f"kernel only M={m} {n}x{k}", lambda: time_op(
-            op, prepared, iters=self.iters, r=MOSAIC_ROTATIONS))
+        res = self.guarded(f"w4a16 {label} M={m} {n}x{k}",
+                           lambda: time_op(op, sets, iters=self.iters))
+        if res is None:
+          continue
+        self.record(case, label, "xla_bf16", res[0], base_ms, flops, nbytes,
+                    block_sizes=bs.__dict__, spread=res[1],
+                    ratio_vs_dequant_dot=(deq[0] / res[0]) if deq else None)
+
+  def mosaic(self, shapes, ms):
+    """Mosaic GPU W4A16 (g128, symmetric) against XLA bf16 and the Triton default: the
+    whole op (operand prep, kernel, split-K sum) per tiling, and the first tiling's kernel
+    alone on prepared operands (what the XLA glue around it costs)."""
+    g = 128
+    for case, flops, nbytes, base_ms, sets in self._w4a16_cases(shapes, ms, g):
+      m, n, k = case["m"], case["n"], case["k"]
+      default = BlockSizes.get_default("weight_only", m, n, k, group_size=g, bits=4)
+      candidates = [("pallas_gpu", gpu, default)]
+      candidates += [(mosaic_label(bs), mosaic_gpu, bs) for bs in MOSAIC_CONFIGS
+                     if n % bs.block_n == 0]
+      for label, kernel, bs in candidates:
+        op = functools.partial(kernel.weight_only_matmul, bits=4, group_size=g,
+                               block_sizes=bs, interpret=self.interpret)
+        res = self.guarded(f"{label} M={m} {n}x{k}", lambda: time_op(
+            op, sets, iters=self.iters, r=MOSAIC_ROTATIONS))
         if res:
-          self.record(case, "kernel_only " + mosaic_label(bs), "xla_bf16", res[0], base[0],
-                      flops, bytes_w + io, block_sizes=bs.__dict__, spread=res[1])
+          self.record(case, label, "xla_bf16", res[0], base_ms, flops, nbytes,
+                      block_sizes=bs.__dict__, spread=res[1])
+      bs = MOSAIC_CONFIGS[0]
+      prep = jax.jit(functools.partial(mosaic_gpu.kernel_operands, group_size=g,
+                                       interpret=self.interpret))
+      prepared = [common.block(prep(*st)) for st in sets[:MOSAIC_ROTATIONS]]
+      op = functools.partial(mosaic_gpu.partial_products, group_size=g, block_sizes=bs,
+                             interpret=self.interpret)
+      res = self.guarded(f"kernel only M={m} {n}x{k}", lambda: time_op(
+          op, prepared, iters=self.iters, r=MOSAIC_ROTATIONS))
+      if res:
+        self.record(case, "kernel_only " + mosaic_label(bs), "xla_bf16", res[0], base_ms,
+                    flops, nbytes, block_sizes=bs.__dict__, spread=res[1])
 
   def w4a16_configs(self, m, n, k, g):
     default = BlockSizes.get_default("weight_only", m, n, k, group_size=g, bits=4)
