@@ -12,8 +12,9 @@ Per K step (one quantization group of g channels) a program:
      to the wgmma operand layout and converts them to bf16 (Mosaic GPU's int4 -> bf16
      path: bit tricks, no int->float instruction);
   3. multiplies each row by its scale (bf16), so one float32 accumulator runs over all of
-     K and no group waits for its MMA to finish before the next is issued;
-  4. issues wgmma(acc [block_n, mp], w [block_n, g], x^T [g, mp]).
+     K with no per-group rescale of partial products;
+  4. issues wgmma(acc [block_n, mp], w [block_n, g], x^T [g, mp]) and waits for it (the
+     TMA ring keeps the next groups' loads in flight meanwhile).
 The output is computed transposed ([N, mp], tokens minor: wgmma's N is the token count,
 padded to a multiple of 8), with split-K partials summed by XLA.
 
@@ -22,11 +23,11 @@ of a group holds code j low and code j + g/2 high, two's-complement nibbles) are
 an int4 [N, K] array. XLA's int4 order puts a byte's low nibble first, so element 2j + h
 of a group is code j + h * g/2; x is permuted the same way (a transpose of [g/2, 2] inside
 each group), which leaves the product unchanged. Asymmetric codes and 8-bit codes are
-refused (NotImplementedError: the dispatcher falls back to the Triton kernel).
+refused (NotImplementedError: an implementation order falls through to the next).
 
 Measured on an H200 (bench/results/quantized_matmul.md, runs 10-13): the kernel alone reads
 14336x4096 codes at 43% of HBM (Triton: 28%), the whole op with its three XLA glue ops
-(x permutation, scale transpose, split-K sum) is 1.1-1.24x the Triton kernel there and
+(x permutation, scale transpose, split-K sum) is 1.0-1.24x the Triton kernel there and
 slower on 4096x4096. Opt-in (`implementation="mosaic_gpu"`) until the glue is gone and all
 shapes and the model are measured.
 
@@ -47,6 +48,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.quantized_matmul import reference
+from pallas_kernels.quantized_matmul.config import NUM_SMS
 
 # wgmma's M is 64 per warpgroup; its N (the tokens here) is a multiple of 8. Up to 64
 # tokens: at 256, 4 ring stages of x tiles plus the output tile pass the 227 KB of shared
@@ -83,9 +85,6 @@ class MosaicBlockSizes:
       raise ValueError(f"split_k={self.split_k} must be >= 1")
     if self.max_concurrent_steps < 1:
       raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 1")
-
-
-NUM_SMS = 132
 
 
 def default_split_k(n_tiles: int, n_groups: int, steps_multiple: int = 1) -> int:
