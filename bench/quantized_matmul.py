@@ -18,6 +18,8 @@ In one process on one GPU (METHOD.md):
 
 Usage (GPU):  PYTHONUNBUFFERED=1 python3 -m bench.quantized_matmul --out $OUT
   --only check,w4a16,w8a8,fp8,w4a4   sections to run; --ms 1,16 to restrict M;
+  --only check,mosaic,mosaic_w4a4    the Mosaic GPU kernels (W4A16 decode, Atom W4A4)
+                                     beside the Triton ones, with their checks;
   --only check,decode                the decode path (M in 1, 4, 16; four shapes): its
                                      checks, then XLA bf16, the default tiling and the
                                      alternatives of runs 5-6, one process;
@@ -199,6 +201,18 @@ def mosaic_label(bs):
   return f"mosaic[bn{bs.block_n} st{bs.max_concurrent_steps} sk{bs.split_k or 'auto'}{slab}]"
 
 
+MOSAIC_W4A4_CONFIGS = (  # one warpgroup per tile: 64 x 128 float32 + int32 accumulators
+    mosaic_gpu.MosaicW4A4BlockSizes(block_m=64, block_n=128, max_concurrent_steps=2),
+    mosaic_gpu.MosaicW4A4BlockSizes(block_m=64, block_n=128, max_concurrent_steps=4),
+    mosaic_gpu.MosaicW4A4BlockSizes(block_m=64, block_n=64, max_concurrent_steps=2),
+)
+
+MOSAIC_W4A4_CHECKS = [  # m, n, k_main, n_out, block sizes
+    (3, 256, 896, 128, MOSAIC_W4A4_CONFIGS[0]),
+    (1000, 4096, 3968, 128, MOSAIC_W4A4_CONFIGS[1]),
+    (200, 320, 512, 64, MOSAIC_W4A4_CONFIGS[2]),
+]
+
 # Buffer sets per timed call in the Mosaic section: each set's kernel is lowered anew, so
 # fewer than elsewhere (8 x 8.4 MB of 4096x4096 codes still pass the 50 MB L2).
 MOSAIC_ROTATIONS = 8
@@ -358,6 +372,16 @@ class Bench:
       args = (xa[0], xa[1], wa[0], wa[1], xa[2], xa[3], wa[2], wa[3])
       self.guarded(f"w4a4 {m}x{n}x{k_main}+{n_out}", lambda: add(
           f"w4a4 {m}x{n}x{k_main}+{n_out}", gpu.w4a4_matmul(*args, interpret=ip),
+          reference.w4a4_matmul(*args)))
+    for (m, n, k_main, n_out, bs) in MOSAIC_W4A4_CHECKS:
+      if self.tiny and m * n * k_main > 5e6:
+        continue
+      xa, wa = rand_w4a4(m, k_main, n_out, 128, 2), rand_w4a4(n, k_main, n_out, 128, 2, "w")
+      args = (xa[0], xa[1], wa[0], wa[1], xa[2], xa[3], wa[2], wa[3])
+      label = (f"w4a4 mosaic[bm{bs.block_m} bn{bs.block_n} st{bs.max_concurrent_steps}] "
+               f"{m}x{n}x{k_main}+{n_out}")
+      self.guarded(label, lambda: add(
+          label, mosaic_gpu.w4a4_matmul(*args, block_sizes=bs, interpret=ip),
           reference.w4a4_matmul(*args)))
     return rows
 
@@ -553,7 +577,9 @@ class Bench:
             self.record(case, label, "xla_fp8", res[0], base[0], flops, nbytes, 2.0,
                         block_sizes=bs.__dict__, spread=res[1])
 
-  def w4a4(self, shapes, ms, n_out=128, g=128):
+  def w4a4(self, shapes, ms, n_out=128, g=128, mosaic=False):
+    """Atom W4A4 (+ n_out int8 outliers) against XLA bf16: the Triton kernel, and with
+    `mosaic` the Mosaic GPU tilings of MOSAIC_W4A4_CONFIGS."""
     for (n, k) in shapes:
       k_main = k - n_out
       wsz = n * k_main // 2 + n * n_out + 4 * n * (k_main // g + 1)
@@ -574,10 +600,19 @@ class Bench:
         nbytes = wsz + m * k_main // 2 + m * n_out + 2 * m * n
         sets = [(xa[i][0], xa[i][1], ws[i][0], ws[i][1], xa[i][2], xa[i][3], ws[i][2],
                  ws[i][3]) for i in range(min(r, len(ws)))]
-        res = self.guarded("pallas w4a4", lambda: time_op(functools.partial(gpu.w4a4_matmul, interpret=self.interpret), sets,
-                                                          iters=self.iters))
-        if res is not None:
-          self.record(case, "pallas_gpu", "xla_bf16", res[0], base[0], flops, nbytes, 2.0)
+        candidates = [("pallas_gpu", functools.partial(gpu.w4a4_matmul, group_size=g))]
+        if mosaic:
+          candidates += [(f"mosaic[bm{bs.block_m} bn{bs.block_n} st{bs.max_concurrent_steps}]",
+                          functools.partial(mosaic_gpu.w4a4_matmul, group_size=g,
+                                            block_sizes=bs))
+                         for bs in MOSAIC_W4A4_CONFIGS if n % bs.block_n == 0]
+        for label, op in candidates:
+          res = self.guarded(f"w4a4 {label} M={m}", lambda: time_op(
+              functools.partial(op, interpret=self.interpret), sets, iters=self.iters,
+              r=MOSAIC_ROTATIONS if label.startswith("mosaic") else None))
+          if res is not None:
+            self.record(case, label, "xla_bf16", res[0], base[0], flops, nbytes, 2.0,
+                        spread=res[1])
 
 
 def profile_decode(n=14336, k=4096, g=128, m=1, calls=3):
@@ -653,6 +688,9 @@ def main(argv=None):
     b.fp8(shapes[:2], [33] if args.tiny else ms_w8 if args.ms else [16, 4096])
   if "w4a4" in only:
     b.w4a4(shapes[:2], [1024, 4096] if not args.tiny else [33])
+  if "mosaic_w4a4" in only:
+    b.w4a4(shapes[:2], [1024, 4096] if not args.tiny else [33], n_out=64 if args.tiny else 128,
+           g=64 if args.tiny else 128, mosaic=True)
   print(f"\n=== summary ({time.time() - t0:.0f}s, card {b.writer.card}) ===")
   for line in b.summary:
     print(line)

@@ -28,7 +28,7 @@ from pallas_kernels.quantized_matmul import mosaic_gpu
 from pallas_kernels.quantized_matmul import reference as ref
 from pallas_kernels.quantized_matmul import tpu
 from pallas_kernels.quantized_matmul.config import BlockSizes, TpuBlockSizes
-from pallas_kernels.quantized_matmul.mosaic_gpu import MosaicBlockSizes
+from pallas_kernels.quantized_matmul.mosaic_gpu import MosaicBlockSizes, MosaicW4A4BlockSizes
 from kernel_checks import assert_lowers_for_cuda, assert_lowers_for_tpu, rel_err
 
 # Relative (Frobenius) error of the reference on quantized operands vs the float product.
@@ -355,6 +355,39 @@ def test_mosaic_gpu_lowers_for_cuda():
   args = (sds((4, 4096), BF16), sds((4096, 2048), I8), sds((4096, 32), F32))
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("m,n,k_main,n_out,g,bs", [
+    (64, 128, 512, 0, 128, MosaicW4A4BlockSizes()),
+    (70, 256, 256, 64, 64, MosaicW4A4BlockSizes(block_n=64)),
+    (5, 128, 512, 128, 128, MosaicW4A4BlockSizes(max_concurrent_steps=1)),
+    (130, 64, 512, 32, 256, MosaicW4A4BlockSizes(block_m=128, block_n=64)),
+])
+def test_mosaic_gpu_w4a4_interpret(m, n, k_main, n_out, g, bs):
+  args = random_w4a4(("mw4a4", m, n, g), m, n, k_main, n_out, g)
+  want = ref.w4a4_matmul(*args, group_size=g)
+  out = mosaic_gpu.w4a4_matmul(*args, group_size=g, block_sizes=bs, interpret=True)
+  assert out.shape == (m, n) and out.dtype == jnp.bfloat16
+  assert rel_err(out, want) <= KERNEL_BUDGET[jnp.bfloat16]
+
+
+def test_mosaic_gpu_w4a4_refuses_and_lowers():
+  args = random_w4a4(("mw4a4r",), 4, 128, 256, 24, 128)
+  with pytest.raises(NotImplementedError, match="n_out=24"):
+    mosaic_gpu.w4a4_matmul(*args)
+  with pytest.raises(NotImplementedError, match="N=128"):
+    mosaic_gpu.w4a4_matmul(*args[:4], block_sizes=MosaicW4A4BlockSizes(block_n=96))
+  with pytest.raises(ValueError, match="block_m=32"):
+    MosaicW4A4BlockSizes(block_m=32)
+  fn = functools.partial(mosaic_gpu.w4a4_matmul, group_size=128)
+  shapes = (sds((1000, 1984), I8), sds((1000, 31), F32), sds((4096, 1984), I8),
+            sds((4096, 31), F32), sds((1000, 128), I8), sds((1000, 1), F32),
+            sds((4096, 128), I8), sds((4096, 1), F32))
+  text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  # n_out = 24 is refused by the Mosaic kernel and served by the Triton one.
+  out = api.w4a4_matmul(*args, implementation=("mosaic_gpu", "pallas_gpu"), interpret=True)
+  assert rel_err(out, ref.w4a4_matmul(*args)) <= KERNEL_BUDGET[jnp.bfloat16]
 
 
 def test_api_mosaic_gpu_is_opt_in_and_falls_through(monkeypatch):

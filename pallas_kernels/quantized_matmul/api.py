@@ -31,7 +31,7 @@ from pallas_kernels.quantized_matmul import mosaic_gpu
 from pallas_kernels.quantized_matmul import reference
 from pallas_kernels.quantized_matmul import tpu
 from pallas_kernels.quantized_matmul.config import BlockSizes, TpuBlockSizes
-from pallas_kernels.quantized_matmul.mosaic_gpu import MosaicBlockSizes
+from pallas_kernels.quantized_matmul.mosaic_gpu import MosaicBlockSizes, MosaicW4A4BlockSizes
 
 IMPLEMENTATIONS = ("mosaic_gpu", "pallas_gpu", "pallas_tpu", "xla_dequant", "xla")
 
@@ -42,10 +42,15 @@ IMPLEMENTATIONS = ("mosaic_gpu", "pallas_gpu", "pallas_tpu", "xla_dequant", "xla
 # kernel leads up to M = 256 and trails from M = 1024.
 WEIGHT_ONLY_GPU_MAX_M = 256
 
-# "mosaic_gpu" (symmetric W4A16 through Mosaic GPU) is opt-in, by `implementation=`: on an
-# H200 it is 1.1-1.24x the Triton kernel at M <= 4 on 14336x4096 and slower on 4096x4096
-# (quantized_matmul.md, runs 10-13); the other shapes and the whole model are not yet
-# measured with the kernel's final (correct) form.
+# The block-size types of the Mosaic GPU kernels, by op.
+MOSAIC_BLOCK_SIZES = {"weight_only_matmul": MosaicBlockSizes,
+                      "w4a4_matmul": MosaicW4A4BlockSizes}
+
+# "mosaic_gpu" (symmetric W4A16 and Atom W4A4 through Mosaic GPU) is opt-in, by
+# `implementation=`. W4A16: on an H200 1.0-1.24x the Triton kernel at M <= 16 on
+# 14336x4096 and slower on 4096x4096 (quantized_matmul.md, runs 10-13); the other shapes
+# and the whole model are not yet measured in the kernel's final (correct) form. W4A4:
+# not yet run on a GPU.
 
 # FP8 on a GPU: Pallas' Triton lowering emits its fp8 dot without `maxNumImpreciseAcc`,
 # and Triton then upcasts both operands to fp16 (mma.sync HMMA instead of fp8 wgmma; seen
@@ -73,7 +78,7 @@ def _dispatch(op: str, fns: dict[str, Callable], implementation, block_sizes, in
   order = _order(op, implementation, m=args[0].shape[0])
   return call_first(op, order, fns, args, kwargs, block_sizes=block_sizes,
                     interpret=interpret, gpu_type=BlockSizes, tpu_type=TpuBlockSizes,
-                    mosaic_type=MosaicBlockSizes)
+                    mosaic_type=MOSAIC_BLOCK_SIZES.get(op))
 
 
 def weight_only_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array,
@@ -128,13 +133,13 @@ def w4a4_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
                 x_out_scales: jax.Array | None = None, w_out: jax.Array | None = None,
                 w_out_scales: jax.Array | None = None, *, group_size: int = 128,
                 out_dtype=jnp.bfloat16, implementation: str | Sequence[str] | None = None,
-                block_sizes: BlockSizes | TpuBlockSizes | None = None,
+                block_sizes: BlockSizes | TpuBlockSizes | MosaicW4A4BlockSizes | None = None,
                 interpret: Any = False) -> jax.Array:
   """Atom W4A4: packed 4-bit activations x_codes [M, K_main/2] and weights w_codes
   [N, K_main/2] with group scales [M, G] and [N, G] (G = K_main / group_size), plus the
   optional int8 outlier tail x_out [M, n_out], w_out [N, n_out] with scales [M,1], [N,1]."""
-  fns = {"pallas_gpu": gpu.w4a4_matmul, "pallas_tpu": tpu.w4a4_matmul,
-         "xla": reference.w4a4_matmul}
+  fns = {"mosaic_gpu": mosaic_gpu.w4a4_matmul, "pallas_gpu": gpu.w4a4_matmul,
+         "pallas_tpu": tpu.w4a4_matmul, "xla": reference.w4a4_matmul}
   return _dispatch("w4a4_matmul", fns, implementation, block_sizes, interpret,
                    x_codes, x_scales, w_codes, w_scales, x_out, x_out_scales, w_out,
                    w_out_scales, group_size=group_size, out_dtype=out_dtype)

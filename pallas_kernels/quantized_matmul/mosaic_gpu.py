@@ -277,3 +277,181 @@ def weight_only_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array,
   partials = partial_products(*operands, group_size=group_size, block_sizes=bs,
                               interpret=interpret)                  # [split, N, mp] f32
   return partials.sum(axis=0)[:, :x.shape[0]].T.astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Atom W4A4
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicW4A4BlockSizes:
+  """Tiling of the Mosaic GPU W4A4 kernel: one warpgroup per [block_m, block_n] tile.
+
+  Attributes:
+    block_m: tokens per program, a multiple of 64 (wgmma's M).
+    block_n: output channels per program, a multiple of 8 (wgmma's N), at most 256.
+    max_concurrent_steps: groups of codes in flight per program (the TMA ring depth).
+  """
+  block_m: int = 64
+  block_n: int = 128
+  max_concurrent_steps: int = 2
+
+  def __post_init__(self):
+    if self.block_m <= 0 or self.block_m % WGMMA_ROWS:
+      raise ValueError(f"block_m={self.block_m} must be a positive multiple of {WGMMA_ROWS}")
+    if not 0 < self.block_n <= 256 or self.block_n % TOKEN_MULTIPLE:
+      raise ValueError(f"block_n={self.block_n} must be a multiple of {TOKEN_MULTIPLE} "
+                       "in [8, 256]")
+    if self.max_concurrent_steps < 1:
+      raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 1")
+
+
+# int8 wgmma takes K in steps of 32.
+INT8_K_STEP = 32
+
+
+def check_w4a4(x_codes, x_scales, w_codes, w_scales, x_out, x_out_scales, w_out,
+               w_out_scales, *, group_size: int, block_sizes: MosaicW4A4BlockSizes) -> None:
+  """Raises NotImplementedError for the cases the W4A4 kernel does not serve."""
+  reference.validate_w4a4(x_codes, x_scales, w_codes, w_scales, x_out, x_out_scales, w_out,
+                          w_out_scales, group_size=group_size)
+  n = w_codes.shape[0]
+  if group_size not in GROUP_SIZES:
+    raise NotImplementedError(f"mosaic_gpu W4A4: {group_size=} not in {GROUP_SIZES}")
+  if n % block_sizes.block_n:
+    raise NotImplementedError(f"mosaic_gpu W4A4: N={n} is not a multiple of "
+                              f"block_n={block_sizes.block_n}")
+  if x_out is not None and (x_out.shape[1] % INT8_K_STEP or x_out.shape[1] > 256):
+    raise NotImplementedError(f"mosaic_gpu W4A4: n_out={x_out.shape[1]} is not a multiple "
+                              f"of {INT8_K_STEP} up to 256")
+
+
+def w4a4_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
+                w_scales: jax.Array, x_out: jax.Array | None = None,
+                x_out_scales: jax.Array | None = None, w_out: jax.Array | None = None,
+                w_out_scales: jax.Array | None = None, *, group_size: int = 128,
+                out_dtype=jnp.bfloat16, block_sizes: MosaicW4A4BlockSizes | None = None,
+                interpret=False) -> jax.Array:
+  """Atom W4A4 (see `reference.w4a4_matmul`) on the int8 tensor cores, through Mosaic GPU.
+
+  Per group of g channels a program TMA-loads both int4 tiles, upcasts them to int8 in
+  registers (exact) into shared memory, takes the group's int32 product with one wgmma,
+  and adds it to a float32 register sum rescaled by act_scale x w_scale, as Atom does. The
+  int8 outlier tail follows as one more wgmma with its own scales. Both operands share the
+  QTensor's "group_halves" nibble order, so the int4 views need no permutation. Untimed on
+  a GPU so far; opt-in (`implementation="mosaic_gpu"`).
+  """
+  if interpret is True:
+    interpret = interpret_params()
+  bs = block_sizes or MosaicW4A4BlockSizes()
+  check_w4a4(x_codes, x_scales, w_codes, w_scales, x_out, x_out_scales, w_out, w_out_scales,
+             group_size=group_size, block_sizes=bs)
+  g, bm, bn = group_size, bs.block_m, bs.block_n
+  m, n = x_codes.shape[0], w_codes.shape[0]
+  n_groups = x_scales.shape[1]
+  mp = -(-m // bm) * bm
+  pad = lambda a: jnp.pad(a, ((0, mp - m), (0, 0)))        # zero tokens add nothing
+  tail = x_out is not None
+  n_out = x_out.shape[1] if tail else 0
+  operands = [int4_view(pad(x_codes)), int4_view(w_codes), pad(x_scales).T, w_scales.T]
+  if tail:  # [M, n_out], [N, n_out] int8 and their scales as [1, M], [1, N]
+    operands += [pad(x_out), w_out, pad(x_out_scales).T, w_out_scales.T]
+  # The interpreter models neither smem tilings and swizzles nor register layouts, and its
+  # wgmma reads no transposed smem view: it gets its right operand stored as [K, bn].
+  swizzled = (lambda minor_bytes, bits: ()) if interpret else _swizzle_transforms
+  in_layout = (lambda value, layout: value) if interpret else plgpu.layout_cast
+
+  def weights_operand(w8_smem):
+    return w8_smem if interpret else plgpu.transpose_ref(w8_smem, (1, 0))
+
+  def store_int8(dst_smem, codes4, right_operand=False):
+    """int4 [rows, g] -> int8 into dst_smem ([rows, g]; the interpreter's right operand
+    [g, rows])."""
+    codes8 = in_layout(codes4, plgpu.Layout.WGMMA_UPCAST_4X).astype(jnp.int8)
+    dst_smem[...] = codes8.T if interpret and right_operand else codes8
+
+  def row_vector(ref, layout):
+    """ref [1, n] (smem) -> [n] in a wgmma row / column layout."""
+    return ref[0] if interpret else plgpu.load(ref.at[0], (), layout=layout, optimized=False)
+
+  def rescaled(product_int32, row_scales_smem, col_scales_smem):
+    """float32 [bm, bn] = int32 product x row scales [bm] (tokens) x column scales [bn]."""
+    rows = row_vector(row_scales_smem, plgpu.Layout.WGMMA.reduce(1))
+    cols = row_vector(col_scales_smem, plgpu.Layout.WGMMA.reduce(0))
+    return (product_int32.astype(jnp.float32)
+            * lax.broadcast_in_dim(rows, (bm, bn), [0])
+            * lax.broadcast_in_dim(cols, (bm, bn), [1]))
+
+  def int8_product(x8_smem, w8_smem):
+    def mma(acc_ref):
+      plgpu.wgmma(acc_ref, x8_smem, weights_operand(w8_smem))
+      return acc_ref[...]
+    return pl.run_scoped(mma, plgpu.ACC((bm, bn), jnp.int32))
+
+  def kernel(*refs):
+    n_in = len(operands)
+    x_gmem, w_gmem, xs_gmem, ws_gmem = refs[:4]
+    o_gmem = refs[n_in]
+    x8_smem, w8_smem = refs[n_in + 1:n_in + 3]
+    rows_m = pl.ds(lax.axis_index("m") * bm, bm)
+    rows_n = pl.ds(lax.axis_index("n") * bn, bn)
+
+    def group(_, x_smem, w_smem, xs_smem, ws_smem, total):
+      store_int8(x8_smem, x_smem[...])                             # [bm, g]
+      store_int8(w8_smem, w_smem[...], right_operand=True)         # [bn, g]
+      plgpu.commit_smem()
+      return total + rescaled(int8_product(x8_smem, w8_smem), xs_smem, ws_smem)
+
+    total = plgpu.emit_pipeline(
+        group,
+        grid=(n_groups,),
+        in_specs=[
+            plgpu.BlockSpec((bm, g), lambda i: (0, i), transforms=swizzled(g // 2, 4)),
+            plgpu.BlockSpec((bn, g), lambda i: (0, i), transforms=swizzled(g // 2, 4)),
+            plgpu.BlockSpec((1, bm), lambda i: (i, 0)),
+            plgpu.BlockSpec((1, bn), lambda i: (i, 0)),
+        ],
+        max_concurrent_steps=bs.max_concurrent_steps,
+        init_carry=in_layout(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA),
+    )(x_gmem.at[rows_m], w_gmem.at[rows_n], xs_gmem.at[:, rows_m], ws_gmem.at[:, rows_n])
+
+    if tail:
+      xo_gmem, wo_gmem, xos_gmem, wos_gmem = refs[4:8]
+      xo_smem, wo_smem, xos_smem, wos_smem, arrived = refs[n_in + 3:n_in + 8]
+      copies = ((xo_gmem.at[rows_m], xo_smem), (wo_gmem.at[rows_n], wo_smem),
+                (xos_gmem.at[:, rows_m], xos_smem), (wos_gmem.at[:, rows_n], wos_smem))
+      for src, dst in copies:
+        plgpu.copy_gmem_to_smem(src, dst, arrived)
+      plgpu.barrier_wait(arrived)
+      if interpret:  # the right operand as [n_out, bn]
+        w8_smem_t = refs[-1]
+        w8_smem_t[...] = wo_smem[...].T
+        wo_smem = w8_smem_t
+      total = total + rescaled(int8_product(xo_smem, wo_smem), xos_smem, wos_smem)
+
+    @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), out_dtype))
+    def _store(o_smem):
+      o_smem[...] = total.astype(out_dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[rows_m, rows_n])
+      plgpu.wait_smem_to_gmem(0)
+
+  int8_tile = lambda rows, cols: plgpu.SMEM((cols, rows) if interpret else (rows, cols),
+                                            jnp.int8, transforms=swizzled(cols, 8))
+  scratch = [plgpu.SMEM((bm, g), jnp.int8, transforms=swizzled(g, 8)), int8_tile(bn, g)]
+  if tail:
+    scratch += [plgpu.SMEM((bm, n_out), jnp.int8, transforms=swizzled(n_out, 8)),
+                plgpu.SMEM((bn, n_out), jnp.int8, transforms=swizzled(n_out, 8)),
+                plgpu.SMEM((1, bm), jnp.float32), plgpu.SMEM((1, bn), jnp.float32),
+                plgpu.Barrier(num_arrivals=4)]
+    if interpret:
+      scratch.append(plgpu.SMEM((n_out, bn), jnp.int8))
+  out = plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((mp, n), out_dtype),
+      grid=(mp // bm, n // bn),
+      grid_names=("m", "n"),
+      scratch_types=scratch,
+      interpret=interpret,
+  )(*operands)
+  return out[:m]
