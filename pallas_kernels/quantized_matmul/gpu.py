@@ -46,8 +46,9 @@ split-K, one launch, weights as the left operand, a CUDA-core GEMV), while XLA r
 same code layout at 67-99%: the loads in flight per SM, which Pallas-Triton does not let a
 kernel control, are the limit (results file, runs 5-7).
 
-`mosaic_gpu.py` holds a Mosaic GPU W4A16 kernel (TMA ring, wgmma with register-level
-unpack; opt-in, see its results). Future work: Marlin-style pre-shuffled 4-bit layouts.
+`mosaic_gpu.py` holds Mosaic GPU kernels for W4A16 (TMA ring, wgmma with register-level
+unpack) and Atom W4A4 (int8 wgmma per group, rescale into a float32 register sum); both
+opt-in, see their results. Future work: Marlin-style pre-shuffled 4-bit layouts.
 """
 
 from __future__ import annotations

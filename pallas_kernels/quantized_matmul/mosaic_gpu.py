@@ -1,4 +1,5 @@
-"""W4A16 on Hopper through Mosaic GPU: a TMA load ring and wgmma with the weights in registers.
+"""Quantized matmuls on Hopper through Mosaic GPU: W4A16 (a TMA load ring and wgmma with
+the weights in registers) and Atom W4A4 (`w4a4_matmul`, at the end of this file).
 
 Why a second GPU backend: every Pallas-Triton W4A16 variant stays at 25-35% of HBM at
 decode sizes (bench/results/quantized_matmul.md), because Triton waits for each group's
