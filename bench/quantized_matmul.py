@@ -303,7 +303,8 @@ class Bench:
 
   # -- correctness
   def check(self, decode_only=False):
-    """Every Pallas-GPU kernel against the reference; `decode_only`: the decode paths."""
+    """Every Pallas-GPU kernel against the reference; `decode_only`: the decode paths and
+    the Mosaic GPU kernels."""
     ip = self.interpret
     rows = []
     tol = 5e-3  # bf16 output rounding (2^-9) dominates; the f32 math is tighter
@@ -336,6 +337,16 @@ class Bench:
           label, mosaic_gpu.weight_only_matmul(x, codes, scales, bits=4, group_size=g,
                                                block_sizes=bs, interpret=self.interpret),
           reference.weight_only_matmul(x, codes, scales, None, bits=4, group_size=g)))
+    for (m, n, k_main, n_out, bs) in MOSAIC_W4A4_CHECKS:
+      if self.tiny and m * n * k_main > 5e6:
+        continue
+      xa, wa = rand_w4a4(m, k_main, n_out, 128, 2), rand_w4a4(n, k_main, n_out, 128, 2, "w")
+      args = (xa[0], xa[1], wa[0], wa[1], xa[2], xa[3], wa[2], wa[3])
+      label = (f"w4a4 mosaic[bm{bs.block_m} bn{bs.block_n} st{bs.max_concurrent_steps}] "
+               f"{m}x{n}x{k_main}+{n_out}")
+      self.guarded(label, lambda: add(
+          label, mosaic_gpu.w4a4_matmul(*args, block_sizes=bs, interpret=ip),
+          reference.w4a4_matmul(*args)))
     if decode_only:
       return rows
     for (m, n, k, g, sym, bits, cw) in [(1, 4096, 4096, 128, True, 4, 8),
@@ -372,16 +383,6 @@ class Bench:
       args = (xa[0], xa[1], wa[0], wa[1], xa[2], xa[3], wa[2], wa[3])
       self.guarded(f"w4a4 {m}x{n}x{k_main}+{n_out}", lambda: add(
           f"w4a4 {m}x{n}x{k_main}+{n_out}", gpu.w4a4_matmul(*args, interpret=ip),
-          reference.w4a4_matmul(*args)))
-    for (m, n, k_main, n_out, bs) in MOSAIC_W4A4_CHECKS:
-      if self.tiny and m * n * k_main > 5e6:
-        continue
-      xa, wa = rand_w4a4(m, k_main, n_out, 128, 2), rand_w4a4(n, k_main, n_out, 128, 2, "w")
-      args = (xa[0], xa[1], wa[0], wa[1], xa[2], xa[3], wa[2], wa[3])
-      label = (f"w4a4 mosaic[bm{bs.block_m} bn{bs.block_n} st{bs.max_concurrent_steps}] "
-               f"{m}x{n}x{k_main}+{n_out}")
-      self.guarded(label, lambda: add(
-          label, mosaic_gpu.w4a4_matmul(*args, block_sizes=bs, interpret=ip),
           reference.w4a4_matmul(*args)))
     return rows
 
