@@ -149,6 +149,9 @@ def rotations(bytes_per_set, cap=64):
 def time_op(op, sets, *, iters, warmup=2, r=None):
   """Median ms of one `op(*set)`, over the first `r` sets in `sets` (arg tuples)."""
   sets = sets[:r] if r else sets
+  # The op jitted on its own is lowered once for all sets (a Mosaic GPU kernel is lowered
+  # anew at every call site otherwise: ~0.25 s each).
+  op = jax.jit(op)
   fn = jax.jit(lambda all_sets: [op(*s) for s in all_sets])
   samples = common.time_calls(lambda: fn(sets), warmup=warmup, iters=iters, inner=INNER)
   r = len(sets)
