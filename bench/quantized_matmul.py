@@ -228,17 +228,17 @@ MOSAIC_CONFIGS = (  # run 10's best tilings at M = 1 and 16 (14336x4096), then t
 )
 
 
-MOSAIC_CHECKS = [  # m, n, k, g, block sizes
-    (1, 4096, 4096, 128, mosaic_gpu.MosaicBlockSizes()),
-    (4, 14336, 4096, 128, mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=8)),
-    (16, 1024, 2048, 64, mosaic_gpu.MosaicBlockSizes(block_n=256)),
-    (13, 512, 1024, 64, mosaic_gpu.MosaicBlockSizes(split_k=4)),
-    (7, 256, 1024, 256, mosaic_gpu.MosaicBlockSizes(block_n=64, split_k=2)),
-    (64, 384, 2048, 128, mosaic_gpu.MosaicBlockSizes(max_concurrent_steps=8)),
-    (16, 14336, 4096, 128, mosaic_gpu.MosaicBlockSizes()),
-    (1, 4096, 14336, 128, mosaic_gpu.MosaicBlockSizes()),
-    (16, 14336, 4096, 128, mosaic_gpu.MosaicBlockSizes(scale_slab=True)),
-    (1, 4096, 14336, 128, mosaic_gpu.MosaicBlockSizes(block_n=64, scale_slab=True)),
+MOSAIC_CHECKS = [  # m, n, k, g, symmetric, block sizes
+    (1, 4096, 4096, 128, True, mosaic_gpu.MosaicBlockSizes()),
+    (4, 14336, 4096, 128, True, mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=8)),
+    (16, 1024, 2048, 64, True, mosaic_gpu.MosaicBlockSizes(block_n=256)),
+    (13, 512, 1024, 64, True, mosaic_gpu.MosaicBlockSizes(split_k=4)),
+    (7, 256, 1024, 256, True, mosaic_gpu.MosaicBlockSizes(block_n=64, split_k=2)),
+    (64, 384, 2048, 128, True, mosaic_gpu.MosaicBlockSizes(max_concurrent_steps=8)),
+    (16, 14336, 4096, 128, True, mosaic_gpu.MosaicBlockSizes()),
+    (1, 4096, 14336, 128, True, mosaic_gpu.MosaicBlockSizes()),
+    (16, 14336, 4096, 128, True, mosaic_gpu.MosaicBlockSizes(scale_slab=True)),
+    (1, 4096, 14336, 128, True, mosaic_gpu.MosaicBlockSizes(block_n=64, scale_slab=True)),
 ]
 
 
@@ -320,26 +320,19 @@ class Bench:
       if not ok:
         self.failures.append(f"check {name} rel_err={err:.2e}")
 
-    for (m, n, k, g, sym, bs) in DECODE_CHECKS:
+    for (m, n, k, g, sym, bs) in DECODE_CHECKS + MOSAIC_CHECKS:
       if self.tiny and m * n * k > 5e6:
         continue
       x = rand_x(m, k, 9)
       codes, scales, zeros = rand_w4(n, k, g, 9, sym)
-      label = f"w4a16 g{g} {'sym' if sym else 'asym'} {decode_label(bs)} {m}x{n}x{k}"
+      mosaic = isinstance(bs, mosaic_gpu.MosaicBlockSizes)
+      kernel = mosaic_gpu if mosaic else gpu
+      label = (f"w4a16 g{g} {'sym' if sym else 'asym'} "
+               f"{mosaic_label(bs) if mosaic else decode_label(bs)} {m}x{n}x{k}")
       self.guarded(label, lambda: add(
-          label, gpu.weight_only_matmul(x, codes, scales, zeros, bits=4, group_size=g,
-                                        block_sizes=bs, interpret=ip),
+          label, kernel.weight_only_matmul(x, codes, scales, zeros, bits=4, group_size=g,
+                                           block_sizes=bs, interpret=ip),
           reference.weight_only_matmul(x, codes, scales, zeros, bits=4, group_size=g)))
-    for (m, n, k, g, bs) in MOSAIC_CHECKS:
-      if self.tiny and m * n * k > 5e6:
-        continue
-      x = rand_x(m, k, 11)
-      codes, scales, _ = rand_w4(n, k, g, 11, True)
-      label = f"w4a16 g{g} sym {mosaic_label(bs)} {m}x{n}x{k}"
-      self.guarded(label, lambda: add(
-          label, mosaic_gpu.weight_only_matmul(x, codes, scales, bits=4, group_size=g,
-                                               block_sizes=bs, interpret=self.interpret),
-          reference.weight_only_matmul(x, codes, scales, None, bits=4, group_size=g)))
     for (m, n, k_main, n_out, bs) in MOSAIC_W4A4_CHECKS:
       if self.tiny and m * n * k_main > 5e6:
         continue

@@ -13,8 +13,9 @@ The rules every dispatcher follows (quantized_matmul's api adds measured excepti
 
 "xla" is the op's `reference.py` (plain jnp, correct everywhere). `block_sizes=` must be
 the block-size type of the implementation it reaches (`BlockSizes` for GPU,
-`TpuBlockSizes` for TPU, the op's own type for a Mosaic GPU kernel); `interpret=` runs a Pallas kernel on the CPU (True for a GPU
-kernel, `pltpu.InterpretParams()` for a TPU one). XLA implementations take neither.
+`TpuBlockSizes` for TPU, the op's own type for a Mosaic GPU kernel); `interpret=` runs a
+Pallas kernel on the CPU (True for a GPU kernel, `pltpu.InterpretParams()` for a TPU one).
+XLA implementations take neither.
 """
 
 from __future__ import annotations

@@ -7,13 +7,15 @@ Each function picks an implementation by backend, shape and dtype (DESIGN.md "Ke
                           cannot serve the case raises NotImplementedError and the next is
                           tried. On a GPU, large-M W4A16 / W8A16 and FP8 start
                           at XLA instead (measured; see WEIGHT_ONLY_GPU_MAX_M and
-                          FP8_GPU_MAX_M); "mosaic_gpu" (symmetric W4A16) is opt-in.
+                          FP8_GPU_MAX_M); "mosaic_gpu" (symmetric W4A16, Atom
+                          W4A4) is opt-in.
   implementation="name"   that implementation only; its errors propagate.
   implementation=(...)    that order.
 
 "xla" is `reference.py`: plain jnp, correct everywhere. "xla_dequant" (weight-only only)
-dequantizes to the activation dtype and calls XLA's dot: the fast XLA path for large M. `block_sizes=` reaches the Pallas
-kernel of the matching type (`BlockSizes` for GPU, `TpuBlockSizes` for TPU); `interpret=`
+dequantizes to the activation dtype and calls XLA's dot: the fast XLA path for large M.
+`block_sizes=` reaches the kernel of the matching type (`BlockSizes` for GPU,
+`TpuBlockSizes` for TPU, `MOSAIC_BLOCK_SIZES` for Mosaic GPU); `interpret=`
 runs a Pallas kernel on the CPU (True for the GPU kernels, `pltpu.InterpretParams()` for
 the TPU ones).
 """
@@ -99,7 +101,8 @@ def weight_only_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array,
     implementation, block_sizes, interpret: see the module docstring.
   """
   fns = {"mosaic_gpu": mosaic_gpu.weight_only_matmul, "pallas_gpu": gpu.weight_only_matmul,
-         "pallas_tpu": tpu.weight_only_matmul, "xla_dequant": reference.weight_only_matmul_dequant_dot,
+         "pallas_tpu": tpu.weight_only_matmul,
+         "xla_dequant": reference.weight_only_matmul_dequant_dot,
          "xla": reference.weight_only_matmul}
   return _dispatch("weight_only_matmul", fns, implementation, block_sizes, interpret,
                    x, codes, scales, zeros, bits=bits, group_size=group_size)

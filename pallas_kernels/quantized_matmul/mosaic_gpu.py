@@ -113,6 +113,29 @@ def interpret_params():
   return InterpretGPUParams()
 
 
+def _interpret_mode(interpret):
+  """`interpret=True` (as for the Triton kernels) means the interpreter's defaults."""
+  return interpret_params() if interpret is True else interpret
+
+
+# What differs between the GPU and Mosaic GPU's interpreter. The interpreter models neither
+# smem tilings and swizzles nor register layouts; none of these changes a value.
+
+
+def _smem_transforms(interpret, minor_bytes: int, bits: int) -> tuple:
+  return () if interpret else _swizzle_transforms(minor_bytes, bits)
+
+
+def _in_layout(interpret, value, layout):
+  return value if interpret else plgpu.layout_cast(value, layout)
+
+
+def _row_vector(interpret, ref, layout):
+  """ref [1, n] or a strided column [n] of smem -> [n] in a wgmma row / column layout."""
+  ref = ref.at[0] if len(ref.shape) == 2 else ref
+  return ref[...] if interpret else plgpu.load(ref, (), layout=layout, optimized=False)
+
+
 def int4_view(codes: jax.Array) -> jax.Array:
   """int8 bytes [N, K/2] -> int4 [N, K]: element 2j + h is byte j's low (h=0) / high nibble.
 
@@ -177,8 +200,7 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales_t: jax.Array, *
                      interpret=False) -> jax.Array:
   """The kernel: float32 partial products [split_k, N, mp] from `kernel_operands`
   (scales [G, N], or [N, G] with `block_sizes.scale_slab`)."""
-  if interpret is True:
-    interpret = interpret_params()
+  interpret = _interpret_mode(interpret)
   bs = block_sizes
   g = group_size
   n, k = w4.shape
@@ -188,10 +210,8 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales_t: jax.Array, *
   split = _split_k(bs, n, n_groups)
   steps = n_groups // split
 
-  # The interpreter models neither smem tilings and swizzles nor register layouts; both
-  # change no values.
-  swizzled = (lambda minor_bytes, bits: ()) if interpret else _swizzle_transforms
-  in_layout = (lambda value, layout: value) if interpret else plgpu.layout_cast
+  swizzled = functools.partial(_smem_transforms, interpret)
+  in_layout = functools.partial(_in_layout, interpret)
 
   def kernel(w_gmem, x_gmem, s_gmem, o_gmem, *scratch):
     tile = lax.axis_index("n")
@@ -207,9 +227,8 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales_t: jax.Array, *
       w = in_layout(w_smem[...], plgpu.Layout.WGMMA_UPCAST_4X)  # int4 [bn, g]
       w = in_layout(w, plgpu.Layout.WGMMA).astype(jnp.bfloat16)          # bf16 [bn, g]
       if bs.scale_slab:  # a strided column of the slab: one scalar load per value
-        s = (s_slab[:, indices[0]] if interpret else
-             plgpu.load(s_slab.at[:, indices[0]], (), layout=plgpu.Layout.WGMMA.reduce(1),
-                        optimized=False))                       # f32 [bn]
+        s = _row_vector(interpret, s_slab.at[:, indices[0]],
+                        plgpu.Layout.WGMMA.reduce(1))                     # f32 [bn]
       else:
         s = in_layout(s_smem[0][0], plgpu.Layout.WGMMA.reduce(1))   # f32 [bn]
       w = w * lax.broadcast_in_dim(s.astype(jnp.bfloat16), w.shape, [0])
@@ -269,8 +288,7 @@ def weight_only_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array,
   `interpret=True` (as for the Triton kernels) or an `InterpretGPUParams` runs the kernel
   in Mosaic GPU's interpreter on the CPU.
   """
-  if interpret is True:
-    interpret = interpret_params()
+  interpret = _interpret_mode(interpret)
   bs = block_sizes or MosaicBlockSizes()
   check(x, codes, scales, zeros, bits=bits, group_size=group_size, block_sizes=bs)
   operands = kernel_operands(x, codes, scales, group_size=group_size,
@@ -342,8 +360,7 @@ def w4a4_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
   QTensor's "group_halves" nibble order, so the int4 views need no permutation. Untimed on
   a GPU so far; opt-in (`implementation="mosaic_gpu"`).
   """
-  if interpret is True:
-    interpret = interpret_params()
+  interpret = _interpret_mode(interpret)
   bs = block_sizes or MosaicW4A4BlockSizes()
   check_w4a4(x_codes, x_scales, w_codes, w_scales, x_out, x_out_scales, w_out, w_out_scales,
              group_size=group_size, block_sizes=bs)
@@ -357,10 +374,9 @@ def w4a4_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
   operands = [int4_view(pad(x_codes)), int4_view(w_codes), pad(x_scales).T, w_scales.T]
   if tail:  # [M, n_out], [N, n_out] int8 and their scales as [1, M], [1, N]
     operands += [pad(x_out), w_out, pad(x_out_scales).T, w_out_scales.T]
-  # The interpreter models neither smem tilings and swizzles nor register layouts, and its
-  # wgmma reads no transposed smem view: it gets its right operand stored as [K, bn].
-  swizzled = (lambda minor_bytes, bits: ()) if interpret else _swizzle_transforms
-  in_layout = (lambda value, layout: value) if interpret else plgpu.layout_cast
+  # The interpreter's wgmma reads no transposed smem view: it gets its right operand
+  # stored as [K, bn].
+  swizzled = functools.partial(_smem_transforms, interpret)
 
   def weights_operand(w8_smem):
     return w8_smem if interpret else plgpu.transpose_ref(w8_smem, (1, 0))
@@ -368,17 +384,13 @@ def w4a4_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
   def store_int8(dst_smem, codes4, right_operand=False):
     """int4 [rows, g] -> int8 into dst_smem ([rows, g]; the interpreter's right operand
     [g, rows])."""
-    codes8 = in_layout(codes4, plgpu.Layout.WGMMA_UPCAST_4X).astype(jnp.int8)
+    codes8 = _in_layout(interpret, codes4, plgpu.Layout.WGMMA_UPCAST_4X).astype(jnp.int8)
     dst_smem[...] = codes8.T if interpret and right_operand else codes8
-
-  def row_vector(ref, layout):
-    """ref [1, n] (smem) -> [n] in a wgmma row / column layout."""
-    return ref[0] if interpret else plgpu.load(ref.at[0], (), layout=layout, optimized=False)
 
   def rescaled(product_int32, row_scales_smem, col_scales_smem):
     """float32 [bm, bn] = int32 product x row scales [bm] (tokens) x column scales [bn]."""
-    rows = row_vector(row_scales_smem, plgpu.Layout.WGMMA.reduce(1))
-    cols = row_vector(col_scales_smem, plgpu.Layout.WGMMA.reduce(0))
+    rows = _row_vector(interpret, row_scales_smem, plgpu.Layout.WGMMA.reduce(1))
+    cols = _row_vector(interpret, col_scales_smem, plgpu.Layout.WGMMA.reduce(0))
     return (product_int32.astype(jnp.float32)
             * lax.broadcast_in_dim(rows, (bm, bn), [0])
             * lax.broadcast_in_dim(cols, (bm, bn), [1]))
@@ -413,7 +425,8 @@ def w4a4_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
             plgpu.BlockSpec((1, bn), lambda i: (i, 0)),
         ],
         max_concurrent_steps=bs.max_concurrent_steps,
-        init_carry=in_layout(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA),
+        init_carry=_in_layout(interpret, jnp.zeros((bm, bn), jnp.float32),
+                              plgpu.Layout.WGMMA),
     )(x_gmem.at[rows_m], w_gmem.at[rows_n], xs_gmem.at[:, rows_m], ws_gmem.at[:, rows_n])
 
     if tail:
