@@ -76,9 +76,9 @@ def qtensor_linear(x: jax.Array, q: QTensor) -> jax.Array:
 
   On a GPU or TPU backend (`jax.default_backend()` decides; there is no switch), W8A8 and
   Atom's W4A4 run in integers (`integer_linear`) where the QTensor's layout is what the
-  integer kernels take (`integer_format`) and, for W4A4, the backend's Pallas kernel
-  serves the shape (e.g. Triton needs group_size / 2 a power of two >= 16; SmolLM2's
-  groups of 112 do not qualify).
+  integer kernels take (`integer_format`) and, for W4A4, one of the backend's kernels
+  (`W4A4_KERNELS`) serves the shape (e.g. Triton needs group_size / 2 a power of two
+  >= 16; SmolLM2's groups of 112 do not qualify).
 
   Every other case, and everything on the CPU, runs the simulation: the weight is
   dequantized in the original channel order and multiplied as a dense weight, after the
@@ -95,11 +95,11 @@ def qtensor_linear(x: jax.Array, q: QTensor) -> jax.Array:
   backend = jax.default_backend()
   fmt = integer_format(q)
   if backend in ("gpu", "tpu") and fmt is not None:
-    # W8A8 may end at XLA's own int8 dot; W4A4 only runs the Pallas kernel (XLA's
-    # reference loops over the groups), else the simulation below.
-    implementation = None if fmt == "w8a8" else f"pallas_{backend}"
+    # W8A8 may end at XLA's own int8 dot; W4A4 only runs a Pallas kernel (XLA's reference
+    # loops over the groups), else the simulation below.
+    matmul = None if fmt == "w8a8" else W4A4_KERNELS[backend]
     try:
-      return integer_linear(x, q, implementation=implementation)
+      return integer_linear(x, q, matmul_implementation=matmul)
     except NotImplementedError:
       pass  # no kernel serves this shape: simulate
   if q.act_quant is not None:
@@ -126,15 +126,20 @@ def integer_format(q: QTensor) -> str | None:
   return None
 
 
+# The W4A4 matmul kernels `qtensor_linear` tries, by backend (Mosaic GPU serves Hopper).
+W4A4_KERNELS = {"gpu": ("mosaic_gpu", "pallas_gpu"), "tpu": ("pallas_tpu",)}
+
+
 def integer_linear(x: jax.Array, q: QTensor, *, implementation=None,
-                   interpret=False) -> jax.Array:
+                   matmul_implementation=None, interpret=False) -> jax.Array:
   """x [..., K] (in q's input-transform basis) times a W8A8 or W4A4 QTensor in integers:
   `activation_quant.quantize_activations` (gather by q.perm, per-token grids clipped at
   q.act_clip, the int8 tail), then `quantized_matmul.int8_matmul` or `w4a4_matmul` (int32
   accumulation, the rescale fused) -> [..., N] in the simulation's dtype.
 
-  `implementation` and `interpret` reach both ops (`qtensor_linear` picks them; tests pin
-  "xla" or a Pallas kernel in interpret mode). Raises ValueError for a QTensor that
+  `implementation` and `interpret` reach both ops (tests pin "xla" or a Pallas kernel in
+  interpret mode); `matmul_implementation`, where given, replaces `implementation` for
+  the matmul (`qtensor_linear` limits W4A4 to its kernels). Raises ValueError for a QTensor that
   `integer_format` refuses, NotImplementedError where no requested implementation serves.
   """
   fmt = integer_format(q)
@@ -144,13 +149,14 @@ def integer_linear(x: jax.Array, q: QTensor, *, implementation=None,
                      f"num_outliers={q.num_outliers}, symmetric={q.symmetric} has no "
                      "integer kernel")
   ops = dict(implementation=implementation, interpret=interpret)
+  matmul_ops = dict(ops, implementation=matmul_implementation or implementation)
   x2 = x.reshape(-1, x.shape[-1])  # [M, K]
   out_dtype = jnp.result_type(x.dtype, jnp.dtype(q.dtype))
   if fmt == "w8a8":
     a = activation_quant.quantize_activations(x2, bits=8, clip_ratio=q.act_clip,
                                               perm=q.perm, **ops)
     y = quantized_matmul.int8_matmul(a.codes, a.scales, q.codes, q.scales,
-                                     out_dtype=out_dtype, **ops)
+                                     out_dtype=out_dtype, **matmul_ops)
   else:
     a = activation_quant.quantize_activations(
         x2, bits=4, group_size=q.group_size, clip_ratio=q.act_clip, perm=q.perm,
@@ -158,7 +164,7 @@ def integer_linear(x: jax.Array, q: QTensor, *, implementation=None,
     y = quantized_matmul.w4a4_matmul(a.codes, a.scales, q.codes, q.scales,
                                      a.outlier_codes, a.outlier_scales, q.outlier_codes,
                                      q.outlier_scales, group_size=q.group_size,
-                                     out_dtype=out_dtype, **ops)
+                                     out_dtype=out_dtype, **matmul_ops)
   return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

@@ -87,6 +87,33 @@ def test_integer_path_through_pallas_kernels_in_interpret_mode():
   assert rel_diff(got, simulate(x, q)) < BUDGET
 
 
+def test_integer_path_through_mosaic_w4a4_kernel_in_interpret_mode():
+  """Groups of 64 and a 32-channel tail: a layout the Mosaic GPU kernel serves (its
+  quantizer stays the XLA reference)."""
+  q = make_qtensor("atom-w4a4", 64, 160, seed=5, group_size=64, num_outliers=32)
+  x = inputs((3, 160), seed=6)
+  got = nn.integer_linear(x, q, implementation="xla", matmul_implementation="mosaic_gpu",
+                          interpret=True)
+  assert rel_diff(got, simulate(x, q)) < BUDGET
+
+
+def test_gpu_backend_tries_the_w4a4_kernels(monkeypatch):
+  """On a GPU, W4A4 goes to the Mosaic GPU kernel, then Triton, never XLA's group loop."""
+  q = make_qtensor("atom-w4a4", 32, 112, seed=3, group_size=32, num_outliers=16)
+  seen = {}
+
+  def integer_linear(x, q, **kwargs):
+    seen.update(kwargs)
+    raise NotImplementedError("no kernel here")
+  monkeypatch.setattr(nn.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(nn, "integer_linear", integer_linear)
+  x = inputs((2, 112), seed=4)
+  out = nn.qtensor_linear(x, q)  # falls back to the simulation
+  assert seen == {"matmul_implementation": ("mosaic_gpu", "pallas_gpu")}
+  monkeypatch.undo()
+  np.testing.assert_allclose(out, simulate(x, q), rtol=1e-6, atol=1e-6)
+
+
 def test_integer_format_refuses_other_layouts():
   q = make_qtensor("w8a8", 16, 64, seed=0)
   assert nn.integer_format(dataclasses.replace(q, act_quant=None)) is None

@@ -14,6 +14,7 @@ TPU wrapper's padding filled with NaN: a NaN in a result would prove a read of p
 from __future__ import annotations
 
 import functools
+import types
 import zlib
 
 import jax
@@ -285,9 +286,7 @@ MOSAIC_CASES = [  # m, n, k, g, block sizes
     (16, 128, 1024, 256, MosaicBlockSizes(split_k=2, max_concurrent_steps=2)),
     (33, 192, 256, 128, MosaicBlockSizes(block_n=64)),
     (64, 128, 256, 64, MosaicBlockSizes(max_concurrent_steps=1)),
-    # Scales read per program from [N, G] (4 groups per program by the default split).
-    (5, 256, 1024, 128, MosaicBlockSizes(scale_slab=True)),
-    (3, 128, 2048, 64, MosaicBlockSizes(block_n=64, split_k=2, scale_slab=True)),
+    (3, 192, 512, 128, None),  # the default tiling: 64 rows (N not a multiple of 128)
 ]
 
 
@@ -341,9 +340,6 @@ def test_mosaic_gpu_refuses_what_it_cannot_serve():
   with pytest.raises(ValueError, match="split_k=3"):
     mosaic_gpu.weight_only_matmul(x[:4], codes, scales, bits=4, group_size=128,
                                   block_sizes=MosaicBlockSizes(split_k=3))
-  with pytest.raises(NotImplementedError, match="not a multiple of 4"):  # 2 groups
-    mosaic_gpu.weight_only_matmul(x[:4], codes, scales, bits=4, group_size=128,
-                                  block_sizes=MosaicBlockSizes(scale_slab=True))
   with pytest.raises(ValueError, match="block_n=96"):
     MosaicBlockSizes(block_n=96)
   with pytest.raises(ValueError, match="max_concurrent_steps=0"):
@@ -390,9 +386,31 @@ def test_mosaic_gpu_w4a4_refuses_and_lowers():
   assert rel_err(out, ref.w4a4_matmul(*args)) <= KERNEL_BUDGET[jnp.bfloat16]
 
 
-def test_api_mosaic_gpu_is_opt_in_and_falls_through(monkeypatch):
+def test_mosaic_gpu_default_tiling_and_hopper_guard(monkeypatch):
+  assert MosaicBlockSizes.get_default(14336, 4096).block_n == 128
+  for n, k in ((28672, 8192), (4096, 14336), (192, 128)):
+    assert MosaicBlockSizes.get_default(n, k).block_n == 64
+  # On a GPU that is not sm_90 the kernels refuse (NotImplementedError: the next
+  # implementation serves) before lowering anything.
+  ampere = types.SimpleNamespace(compute_capability="8.0", device_kind="NVIDIA A100")
+  monkeypatch.setattr(mosaic_gpu.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(mosaic_gpu.jax, "devices", lambda: [ampere])
+  x, codes, scales, _ = random_weight_only(("mhopper",), 4, 128, 256, 128, 4, True)
+  with pytest.raises(NotImplementedError, match="A100.*8.0"):
+    mosaic_gpu.weight_only_matmul(x, codes, scales, bits=4, group_size=128)
+  with pytest.raises(NotImplementedError, match="sm_90"):
+    mosaic_gpu.w4a4_matmul(*random_w4a4(("mhopper4",), 4, 128, 256, 32, 128))
+
+
+def test_api_mosaic_gpu_order_and_fall_through(monkeypatch):
   monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
-  assert "mosaic_gpu" not in api._order("weight_only_matmul", None, 1)
+  big, small = 14336 * 4096, 4096 * 4096
+  assert api._order("weight_only_matmul", None, 1, big)[0] == "mosaic_gpu"
+  assert api._order("weight_only_matmul", None, api.MOSAIC_W4A16_MAX_M, big)[0] == "mosaic_gpu"
+  assert api._order("weight_only_matmul", None, api.MOSAIC_W4A16_MAX_M + 1, big)[0] == (
+      "pallas_gpu")
+  assert api._order("weight_only_matmul", None, 1, small)[0] == "pallas_gpu"
+  assert api._order("w4a4_matmul", None, 4096, big) == ("mosaic_gpu", "pallas_gpu", "xla")
   # Asymmetric codes: the Mosaic kernel refuses, the Triton kernel serves.
   monkeypatch.undo()
   x, codes, scales, zeros = random_weight_only(("api-mosaic",), 2, 128, 256, 128, 4, False)
@@ -495,13 +513,14 @@ def test_api_gpu_order_by_shape(monkeypatch):
   """On a GPU the order depends on M (measured crossovers, api.py)."""
   monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
   small, large = api.WEIGHT_ONLY_GPU_MAX_M, api.WEIGHT_ONLY_GPU_MAX_M + 1
-  assert api._order("weight_only_matmul", None, small)[0] == "pallas_gpu"
-  assert api._order("weight_only_matmul", None, large)[0] == "xla_dequant"
-  assert api._order("fp8", None, api.FP8_GPU_MAX_M) == ("pallas_gpu", "xla")
-  assert api._order("fp8", None, api.FP8_GPU_MAX_M + 1) == ("xla",)
-  assert api._order("int8_matmul", None, 4096) == ("pallas_gpu", "xla")
+  weights = 4096 * 4096
+  assert api._order("weight_only_matmul", None, small, weights)[0] == "pallas_gpu"
+  assert api._order("weight_only_matmul", None, large, weights)[0] == "xla_dequant"
+  assert api._order("fp8", None, api.FP8_GPU_MAX_M, weights) == ("pallas_gpu", "xla")
+  assert api._order("fp8", None, api.FP8_GPU_MAX_M + 1, weights) == ("xla",)
+  assert api._order("int8_matmul", None, 4096, weights) == ("pallas_gpu", "xla")
   monkeypatch.setattr(api.jax, "default_backend", lambda: "tpu")
-  assert api._order("w4a4_matmul", None, 1) == ("pallas_tpu", "xla")
+  assert api._order("w4a4_matmul", None, 1, weights) == ("pallas_tpu", "xla")
 
 
 def test_api_covers_every_op():

@@ -5,10 +5,10 @@ Each function picks an implementation by backend, shape and dtype (DESIGN.md "Ke
   implementation=None     the backend's order: "pallas_gpu" then "xla" on a GPU,
                           "pallas_tpu" then "xla" on a TPU, "xla" elsewhere; a kernel that
                           cannot serve the case raises NotImplementedError and the next is
-                          tried. On a GPU, large-M W4A16 / W8A16 and FP8 start
-                          at XLA instead (measured; see WEIGHT_ONLY_GPU_MAX_M and
-                          FP8_GPU_MAX_M); "mosaic_gpu" (symmetric W4A16, Atom
-                          W4A4) is opt-in.
+                          tried. On a GPU, measured exceptions: large-M W4A16 / W8A16 and
+                          FP8 start at XLA (WEIGHT_ONLY_GPU_MAX_M, FP8_GPU_MAX_M); decode
+                          W4A16 on large weights and Atom W4A4 start at "mosaic_gpu"
+                          (Hopper only; see MOSAIC_W4A16_MAX_M).
   implementation="name"   that implementation only; its errors propagate.
   implementation=(...)    that order.
 
@@ -48,11 +48,17 @@ WEIGHT_ONLY_GPU_MAX_M = 256
 MOSAIC_BLOCK_SIZES = {"weight_only_matmul": MosaicBlockSizes,
                       "w4a4_matmul": MosaicW4A4BlockSizes}
 
-# "mosaic_gpu" (symmetric W4A16 and Atom W4A4 through Mosaic GPU) is opt-in, by
-# `implementation=`. W4A16: on an H200 1.0-1.24x the Triton kernel at M <= 16 on
-# 14336x4096 and slower on 4096x4096 (quantized_matmul.md, runs 10-13); the other shapes
-# and the whole model are not yet measured in the kernel's final (correct) form. W4A4:
-# not yet run on a GPU.
+# Symmetric W4A16 through Mosaic GPU on an H200 (quantized_matmul.md, run 14): 1.13-1.25x
+# the Triton kernel at M = 1-16 on 14336x4096, 4096x14336 and 28672x8192, slower on
+# 4096x4096 (run 13). So it goes first for up to MOSAIC_W4A16_MAX_M tokens on weights of
+# at least MOSAIC_W4A16_MIN_WEIGHTS codes; elsewhere it would need `implementation=`.
+MOSAIC_W4A16_MAX_M = 16
+MOSAIC_W4A16_MIN_WEIGHTS = 1 << 25
+# Atom W4A4 through Mosaic GPU: 1.7-2.0x the Triton kernel at M = 1024 and 4096 (run 14),
+# so it goes first on a GPU; a case it does not serve falls through to Triton. The cost of
+# both Mosaic GPU kernels is compile time, ~0.9-1.4 s per call site on jax 0.11.2 (the
+# Triton ones are cached across identical call sites): +40 s for the 28 W4A4 linears of 4
+# Llama-3-8B layers, +3 min for all 32 (quantized_model.md).
 
 # FP8 on a GPU: Pallas' Triton lowering emits its fp8 dot without `maxNumImpreciseAcc`,
 # and Triton then upcasts both operands to fp16 (mma.sync HMMA instead of fp8 wgmma; seen
@@ -62,22 +68,28 @@ MOSAIC_BLOCK_SIZES = {"weight_only_matmul": MosaicBlockSizes,
 FP8_GPU_MAX_M = 64
 
 
-def _order(op: str, implementation, m: int | None = None) -> tuple[str, ...]:
+def _order(op: str, implementation, m: int, weights: int) -> tuple[str, ...]:
+  """The implementations to try for `op` with `m` tokens and `weights` = N x K."""
   if implementation is None:
     backend = jax.default_backend()
     if op == "fp8" and backend == "gpu":
-      return ("pallas_gpu", "xla") if m is not None and m <= FP8_GPU_MAX_M else ("xla",)
+      return ("pallas_gpu", "xla") if m <= FP8_GPU_MAX_M else ("xla",)
     if op == "weight_only_matmul" and backend == "gpu":
-      if m is not None and m > WEIGHT_ONLY_GPU_MAX_M:
+      if m > WEIGHT_ONLY_GPU_MAX_M:
         return ("xla_dequant", "xla")
-      return ("pallas_gpu", "xla_dequant", "xla")
+      mosaic = m <= MOSAIC_W4A16_MAX_M and weights >= MOSAIC_W4A16_MIN_WEIGHTS
+      return ("mosaic_gpu",) * mosaic + ("pallas_gpu", "xla_dequant", "xla")
+    if op == "w4a4_matmul" and backend == "gpu":
+      return ("mosaic_gpu", "pallas_gpu", "xla")
     return backend_order()
   return requested_order(implementation, IMPLEMENTATIONS)
 
 
 def _dispatch(op: str, fns: dict[str, Callable], implementation, block_sizes, interpret,
               *args, **kwargs):
-  order = _order(op, implementation, m=args[0].shape[0])
+  """args[0] is the activations [M, ...] and args[2] the weights [N, ...] of every op."""
+  order = _order(op, implementation, m=args[0].shape[0],
+                 weights=args[2].shape[0] * args[0].shape[1])
   return call_first(op, order, fns, args, kwargs, block_sizes=block_sizes,
                     interpret=interpret, gpu_type=BlockSizes, tpu_type=TpuBlockSizes,
                     mosaic_type=MOSAIC_BLOCK_SIZES.get(op))

@@ -26,11 +26,11 @@ of a group is code j + h * g/2; x is permuted the same way (a transpose of [g/2,
 each group), which leaves the product unchanged. Asymmetric codes and 8-bit codes are
 refused (NotImplementedError: an implementation order falls through to the next).
 
-Measured on an H200 (bench/results/quantized_matmul.md, runs 10-13): the kernel alone reads
-14336x4096 codes at 43% of HBM (Triton: 28%), the whole op with its three XLA glue ops
-(x permutation, scale transpose, split-K sum) is 1.0-1.24x the Triton kernel there and
-slower on 4096x4096. Opt-in (`implementation="mosaic_gpu"`) until the glue is gone and all
-shapes and the model are measured.
+Measured on an H200 (bench/results/quantized_matmul.md, runs 10-14): the kernel alone
+reads 14336x4096 codes at 44% of HBM (Triton: 29%); the whole op, with its three XLA glue
+ops (x permutation, scale transpose, split-K sum, 5-6 µs), is 1.13-1.25x the Triton kernel
+at M = 1-16 on 14336x4096, 4096x14336 and 28672x8192 and slower on 4096x4096, so the
+dispatcher puts it first on the large projections only (api.MOSAIC_W4A16_MIN_WEIGHTS).
 
 Rounding: each weight is dequantized to bf16 (code x scale rounded once) before the
 tensor-core product, as XLA's dequantize-then-dot does; the Triton kernel scales fp32
@@ -70,14 +70,10 @@ class MosaicBlockSizes:
     split_k: programs that share one output tile along K; must divide the group count.
       Their float32 partials are summed by XLA. None picks enough programs for the GPU.
     max_concurrent_steps: groups of codes in flight per program (the TMA ring depth).
-    scale_slab: each program copies its [block_n, groups] slab of the [N, G] scales once,
-      instead of XLA transposing all scales to [G, N] per call for a row per step; needs a
-      multiple of 4 groups per program (16-byte TMA rows). Not yet timed on a GPU.
   """
   block_n: int = 128
   split_k: int | None = None
   max_concurrent_steps: int = 4
-  scale_slab: bool = False
 
   def __post_init__(self):
     if self.block_n <= 0 or self.block_n % WGMMA_ROWS:
@@ -87,19 +83,37 @@ class MosaicBlockSizes:
     if self.max_concurrent_steps < 1:
       raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 1")
 
+  @classmethod
+  def get_default(cls, n: int, k: int) -> "MosaicBlockSizes":
+    """64-row tiles for the largest and the K > N projections, else 128 (N not a multiple
+    of 128 included): measured on an H200 at M = 1-16 (quantized_matmul.md, run 14), 64
+    leads by 0-9% on 28672x8192 and 4096x14336, 128 by 2-6% on 14336x4096."""
+    return cls(block_n=64 if n > 16384 or k > n or n % 128 else 128)
 
-def default_split_k(n_tiles: int, n_groups: int, steps_multiple: int = 1) -> int:
-  """Enough programs for ~2 per SM: the split doubles while it divides the group count
-  into a multiple of `steps_multiple` groups per program."""
+
+def default_split_k(n_tiles: int, n_groups: int) -> int:
+  """Enough programs for ~2 per SM: the split doubles while it divides the group count."""
   split = 1
-  while (n_tiles * split < 2 * NUM_SMS and split < 16 and n_groups % (2 * split) == 0
-         and (n_groups // (2 * split)) % steps_multiple == 0):
+  while n_tiles * split < 2 * NUM_SMS and split < 16 and n_groups % (2 * split) == 0:
     split *= 2
   return split
 
 
 def _split_k(bs: MosaicBlockSizes, n: int, n_groups: int) -> int:
-  return bs.split_k or default_split_k(n // bs.block_n, n_groups, 4 if bs.scale_slab else 1)
+  return bs.split_k or default_split_k(n // bs.block_n, n_groups)
+
+
+def require_hopper(interpret) -> None:
+  """Raises NotImplementedError on a GPU other than Hopper (sm_90): wgmma exists there
+  only, so a dispatcher falls through to the next implementation instead of failing to
+  compile. The interpreter, and lowering for CUDA from a CPU host, pass."""
+  if interpret or jax.default_backend() != "gpu":
+    return
+  device = jax.devices()[0]
+  capability = getattr(device, "compute_capability", None)
+  if capability != "9.0":
+    raise NotImplementedError(f"mosaic_gpu kernels need a Hopper GPU (sm_90); the device is "
+                              f"{device.device_kind} (compute capability {capability})")
 
 
 def _swizzle_transforms(minor_bytes: int, bits: int) -> tuple:
@@ -174,32 +188,26 @@ def check(x, codes, scales, zeros, *, bits: int, group_size: int,
   split = _split_k(block_sizes, n, n_groups)
   if n_groups % split:
     raise ValueError(f"split_k={split} must divide the {n_groups} groups of K={k}")
-  if block_sizes.scale_slab and (n_groups // split) % 4:
-    raise NotImplementedError(f"mosaic_gpu W4A16 scale_slab: {n_groups // split} groups per "
-                              "program is not a multiple of 4 (16-byte TMA rows)")
 
 
 def kernel_operands(x: jax.Array, codes: jax.Array, scales: jax.Array, *, group_size: int,
-                    scale_slab: bool = False,
                     interpret=False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The kernel's inputs from the QTensor arrays: x permuted and padded to mp tokens
   ([mp, K] bf16, or [K, mp] for the interpreter), the codes as int4 [N, K], the scales as
-  [G, N] so that one group's scales are one contiguous row (as they are, [N, G], for
-  `scale_slab`)."""
+  [G, N] so that one group's scales are one contiguous row."""
   m = x.shape[0]
   mp = -(-m // TOKEN_MULTIPLE) * TOKEN_MULTIPLE
   x_perm = jnp.pad(permute_x(x.astype(jnp.bfloat16), group_size), ((0, mp - m), (0, 0)))
   # wgmma wants x K-minor (a transposed smem view; its N = mp is too narrow to swizzle
   # the other way); the interpreter's wgmma reads no transposed views, so it gets x^T.
   x_operand = x_perm.T if interpret else x_perm
-  return x_operand, int4_view(codes), scales if scale_slab else scales.T
+  return x_operand, int4_view(codes), scales.T
 
 
 def partial_products(x_operand: jax.Array, w4: jax.Array, scales_t: jax.Array, *,
                      group_size: int, block_sizes: MosaicBlockSizes,
                      interpret=False) -> jax.Array:
-  """The kernel: float32 partial products [split_k, N, mp] from `kernel_operands`
-  (scales [G, N], or [N, G] with `block_sizes.scale_slab`)."""
+  """The kernel: float32 partial products [split_k, N, mp] from `kernel_operands`."""
   interpret = _interpret_mode(interpret)
   bs = block_sizes
   g = group_size
@@ -213,24 +221,16 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales_t: jax.Array, *
   swizzled = functools.partial(_smem_transforms, interpret)
   in_layout = functools.partial(_in_layout, interpret)
 
-  def kernel(w_gmem, x_gmem, s_gmem, o_gmem, *scratch):
+  def w4a16_mosaic_kernel(w_gmem, x_gmem, s_gmem, o_gmem, *scratch):
     tile = lax.axis_index("n")
     part = lax.axis_index("k")
     rows = pl.ds(tile * bs.block_n, bs.block_n)
-    if bs.scale_slab:
-      s_slab, s_arrived = scratch[:2]                                     # f32 [bn, steps]
-      plgpu.copy_gmem_to_smem(s_gmem.at[rows, pl.ds(part * steps, steps)], s_slab, s_arrived)
-      plgpu.barrier_wait(s_arrived)
-    w_staging = scratch[-1] if interpret else None
+    w_staging = scratch[0] if interpret else None
 
-    def step(indices, w_smem, x_smem, *s_smem, acc_ref):
+    def step(_, w_smem, x_smem, s_smem, acc_ref):
       w = in_layout(w_smem[...], plgpu.Layout.WGMMA_UPCAST_4X)  # int4 [bn, g]
       w = in_layout(w, plgpu.Layout.WGMMA).astype(jnp.bfloat16)          # bf16 [bn, g]
-      if bs.scale_slab:  # a strided column of the slab: one scalar load per value
-        s = _row_vector(interpret, s_slab.at[:, indices[0]],
-                        plgpu.Layout.WGMMA.reduce(1))                     # f32 [bn]
-      else:
-        s = in_layout(s_smem[0][0], plgpu.Layout.WGMMA.reduce(1))   # f32 [bn]
+      s = in_layout(s_smem[0], plgpu.Layout.WGMMA.reduce(1))             # f32 [bn]
       w = w * lax.broadcast_in_dim(s.astype(jnp.bfloat16), w.shape, [0])
       if interpret:  # the interpreter's wgmma takes its left operand from smem only
         w_staging[...] = w
@@ -251,10 +251,10 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales_t: jax.Array, *
               plgpu.BlockSpec((g, mp), lambda i: (part * steps + i, 0)) if interpret else
               plgpu.BlockSpec((mp, g), lambda i: (0, part * steps + i),
                               transforms=_swizzle_transforms(2 * g, 16)),
-          ] + ([] if bs.scale_slab else
-               [plgpu.BlockSpec((1, bs.block_n), lambda i: (part * steps + i, 0))]),
+              plgpu.BlockSpec((1, bs.block_n), lambda i: (part * steps + i, 0)),
+          ],
           max_concurrent_steps=bs.max_concurrent_steps,
-      )(w_gmem.at[rows], x_gmem, *([] if bs.scale_slab else [s_gmem.at[:, rows]]))
+      )(w_gmem.at[rows], x_gmem, s_gmem.at[:, rows])
       return acc_ref[...]
 
     acc = pl.run_scoped(acc_scope, plgpu.ACC((bs.block_n, mp)))
@@ -267,14 +267,11 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales_t: jax.Array, *
       plgpu.wait_smem_to_gmem(0)
 
   return plgpu.kernel(
-      kernel,
+      w4a16_mosaic_kernel,
       out_type=jax.ShapeDtypeStruct((split, n, mp), jnp.float32),
       grid=(n_tiles, split),
       grid_names=("n", "k"),
-      scratch_types=(
-          ([plgpu.SMEM((bs.block_n, steps), jnp.float32), plgpu.Barrier()]
-           if bs.scale_slab else [])
-          + ([plgpu.SMEM((bs.block_n, g), jnp.bfloat16)] if interpret else [])),
+      scratch_types=[plgpu.SMEM((bs.block_n, g), jnp.bfloat16)] if interpret else [],
       interpret=interpret,
   )(w4, x_operand, scales_t)
 
@@ -289,10 +286,10 @@ def weight_only_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array,
   in Mosaic GPU's interpreter on the CPU.
   """
   interpret = _interpret_mode(interpret)
-  bs = block_sizes or MosaicBlockSizes()
+  require_hopper(interpret)
+  bs = block_sizes or MosaicBlockSizes.get_default(codes.shape[0], x.shape[1])
   check(x, codes, scales, zeros, bits=bits, group_size=group_size, block_sizes=bs)
-  operands = kernel_operands(x, codes, scales, group_size=group_size,
-                             scale_slab=bs.scale_slab, interpret=interpret)
+  operands = kernel_operands(x, codes, scales, group_size=group_size, interpret=interpret)
   partials = partial_products(*operands, group_size=group_size, block_sizes=bs,
                               interpret=interpret)                  # [split, N, mp] f32
   return partials.sum(axis=0)[:, :x.shape[0]].T.astype(x.dtype)
@@ -323,6 +320,13 @@ class MosaicW4A4BlockSizes:
                        "in [8, 256]")
     if self.max_concurrent_steps < 1:
       raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 1")
+
+  @classmethod
+  def get_default(cls, n: int) -> "MosaicW4A4BlockSizes":
+    """128 output channels per tile (run 14: 10% ahead of 64), or the widest multiple of
+    8 below it that divides N."""
+    return cls(block_n=next((bn for bn in range(128, 0, -TOKEN_MULTIPLE) if n % bn == 0),
+                            128))
 
 
 # int8 wgmma takes K in steps of 32.
@@ -357,11 +361,13 @@ def w4a4_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
   registers (exact) into shared memory, takes the group's int32 product with one wgmma,
   and adds it to a float32 register sum rescaled by act_scale x w_scale, as Atom does. The
   int8 outlier tail follows as one more wgmma with its own scales. Both operands share the
-  QTensor's "group_halves" nibble order, so the int4 views need no permutation. Untimed on
-  a GPU so far; opt-in (`implementation="mosaic_gpu"`).
+  QTensor's "group_halves" nibble order, so the int4 views need no permutation. On an H200
+  0.51-0.67x XLA bf16 at M = 1024-4096, 1.7-2.0x the Triton kernel (run 14): bound by the
+  CUDA-core work per group (unpack, rescale), not by the tensor cores.
   """
   interpret = _interpret_mode(interpret)
-  bs = block_sizes or MosaicW4A4BlockSizes()
+  require_hopper(interpret)
+  bs = block_sizes or MosaicW4A4BlockSizes.get_default(w_codes.shape[0])
   check_w4a4(x_codes, x_scales, w_codes, w_scales, x_out, x_out_scales, w_out, w_out_scales,
              group_size=group_size, block_sizes=bs)
   g, bm, bn = group_size, bs.block_m, bs.block_n
@@ -401,7 +407,7 @@ def w4a4_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
       return acc_ref[...]
     return pl.run_scoped(mma, plgpu.ACC((bm, bn), jnp.int32))
 
-  def kernel(*refs):
+  def w4a4_mosaic_kernel(*refs):
     n_in = len(operands)
     x_gmem, w_gmem, xs_gmem, ws_gmem = refs[:4]
     o_gmem = refs[n_in]
@@ -461,7 +467,7 @@ def w4a4_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
     if interpret:
       scratch.append(plgpu.SMEM((n_out, bn), jnp.int8))
   out = plgpu.kernel(
-      kernel,
+      w4a4_mosaic_kernel,
       out_type=jax.ShapeDtypeStruct((mp, n), out_dtype),
       grid=(mp // bm, n // bn),
       grid_names=("m", "n"),
