@@ -24,7 +24,8 @@ Usage (GPU):  PYTHONUNBUFFERED=1 python3 -m bench.quantized_matmul --out $OUT
                                      checks, then XLA bf16, the default tiling and the
                                      alternatives of runs 5-6, one process;
   --sweep occupancy                  the decode sweep of run 4 (more programs per SM);
-  --only profile                     a few plain calls for Nsight Compute (run with
+  --shapes 14336x4096,...            N x K in place of every section's shapes;
+  --only profile, profile_mosaic     a few plain calls for Nsight Compute (run with
                                      XLA_PYTHON_CLIENT_PREALLOCATE=false under ncu).
 CPU smoke test on tiny shapes (interpret mode):  python3 -m bench.quantized_matmul --tiny
 Results and their reading: bench/results/quantized_matmul.md.
@@ -200,8 +201,7 @@ def decode_configs(m, n, k, g):
 
 
 def mosaic_label(bs):
-  slab = " slab" if bs.scale_slab else ""
-  return f"mosaic[bn{bs.block_n} st{bs.max_concurrent_steps} sk{bs.split_k or 'auto'}{slab}]"
+  return f"mosaic[bn{bs.block_n} st{bs.max_concurrent_steps} sk{bs.split_k or 'auto'}]"
 
 
 MOSAIC_W4A4_CONFIGS = (  # one warpgroup per tile: 64 x 128 float32 + int32 accumulators
@@ -220,11 +220,9 @@ MOSAIC_W4A4_CHECKS = [  # m, n, k_main, n_out, block sizes
 # fewer than elsewhere (8 x 8.4 MB of 4096x4096 codes still pass the 50 MB L2).
 MOSAIC_ROTATIONS = 8
 
-MOSAIC_CONFIGS = (  # run 10's best tilings at M = 1 and 16 (14336x4096), then the slab
+MOSAIC_CONFIGS = (  # run 10's best tilings at M = 1 and 16 (14336x4096)
     mosaic_gpu.MosaicBlockSizes(block_n=128, max_concurrent_steps=4),
     mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=4),
-    mosaic_gpu.MosaicBlockSizes(block_n=128, max_concurrent_steps=4, scale_slab=True),
-    mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=4, scale_slab=True),
 )
 
 
@@ -237,8 +235,7 @@ MOSAIC_CHECKS = [  # m, n, k, g, symmetric, block sizes
     (64, 384, 2048, 128, True, mosaic_gpu.MosaicBlockSizes(max_concurrent_steps=8)),
     (16, 14336, 4096, 128, True, mosaic_gpu.MosaicBlockSizes()),
     (1, 4096, 14336, 128, True, mosaic_gpu.MosaicBlockSizes()),
-    (16, 14336, 4096, 128, True, mosaic_gpu.MosaicBlockSizes(scale_slab=True)),
-    (1, 4096, 14336, 128, True, mosaic_gpu.MosaicBlockSizes(block_n=64, scale_slab=True)),
+    (16, 28672, 8192, 128, True, mosaic_gpu.MosaicBlockSizes(block_n=64)),
 ]
 
 
@@ -627,6 +624,29 @@ def profile_decode(n=14336, k=4096, g=128, m=1, calls=3):
   print("profile calls done", BlockSizes.get_default("weight_only", m, n, k), flush=True)
 
 
+def profile_mosaic(calls=2):
+  """A few plain calls of the Mosaic GPU kernels at Llama-3-8B sizes (W4A4 at M = 4096 on
+  14336x4096 with a 128-channel tail, W4A16 at M = 1 on 14336x4096), for Nsight Compute:
+  `ncu --clock-control none ... -m bench.quantized_matmul --only profile_mosaic`. The
+  inputs come from numpy, so the first kernels ncu sees are the ops' own."""
+  n, k, n_out, g, m = 14336, 4096, 128, 128, 4096
+  rng = np.random.default_rng(0)
+  codes = lambda *shape: jnp.asarray(rng.integers(-128, 128, shape, dtype=np.int8))
+  scales = lambda *shape: jnp.asarray(rng.uniform(0.01, 0.02, shape).astype(np.float32))
+  k_main = k - n_out
+  w4a4_args = (codes(m, k_main // 2), scales(m, k_main // g), codes(n, k_main // 2),
+               scales(n, k_main // g), codes(m, n_out), scales(m, 1), codes(n, n_out),
+               scales(n, 1))
+  x = jnp.asarray(rng.standard_normal((1, k)).astype(jnp.bfloat16))
+  w4a16_args = (x, codes(n, k // 2), scales(n, k // g))
+  w4a4 = jax.jit(functools.partial(mosaic_gpu.w4a4_matmul, group_size=g))
+  w4a16 = jax.jit(functools.partial(mosaic_gpu.weight_only_matmul, bits=4, group_size=g))
+  for _ in range(calls):
+    common.block(w4a4(*w4a4_args))
+    common.block(w4a16(*w4a16_args))
+  print("profile calls done", flush=True)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
@@ -637,6 +657,8 @@ def main(argv=None):
   p.add_argument("--ms", default=None, help="comma-separated M values for W4A16 / W8A8")
   p.add_argument("--sweep", default="default", choices=["default", "occupancy"])
   p.add_argument("--no-extra-shapes", action="store_true")
+  p.add_argument("--shapes", default=None,
+                 help="comma-separated NxK (e.g. 14336x4096) replacing every section's shapes")
   args = p.parse_args(argv)
   if args.tiny:  # interpret mode is slow: one small call per sample
     global CALL_BYTES, INNER
@@ -647,9 +669,13 @@ def main(argv=None):
   if only == {"profile"}:
     profile_decode()
     return 0
+  if only == {"profile_mosaic"}:
+    profile_mosaic()
+    return 0
   b.ceilings()
   if "check" in only:
-    b.check(decode_only=bool(only & {"decode", "mosaic"}) and not only & {"w4a16", "w8a8"})
+    b.check(decode_only=bool(only & {"decode", "mosaic", "mosaic_w4a4"})
+            and not only & {"w4a16", "w8a8"})
   if args.tiny:
     shapes, ms_w4, ms_w8 = [(256, 512)], [1, 20], [33]
   else:
@@ -657,13 +683,21 @@ def main(argv=None):
     ms_w4 = ms_w8 = [1, 16, 64, 256, 1024, 4096]
     if args.ms:
       ms_w4 = ms_w8 = [int(v) for v in args.ms.split(",")]
+  only_shapes = ([tuple(int(d) for d in nk.split("x")) for nk in args.shapes.split(",")]
+                 if args.shapes else None)
+  shapes = only_shapes or shapes
+  if "mosaic_w4a4" in only:  # before "mosaic": the W4A4 kernel's first GPU timings
+    b.w4a4(shapes[:2], [1024, 4096] if not args.tiny else [33], n_out=64 if args.tiny else 128,
+           g=64 if args.tiny else 128, mosaic=True)
+    print(f"[mosaic_w4a4 done at {time.time() - t0:.0f}s]", flush=True)
   if "mosaic" in only:
     if args.tiny:
       b.mosaic([(256, 512)], [1, 20])
     else:
-      b.mosaic([(14336, 4096), (4096, 4096), (4096, 14336), (28672, 8192)],
+      b.mosaic(only_shapes or [(14336, 4096), (4096, 4096), (4096, 14336), (28672, 8192)],
                [int(v) for v in (args.ms or "1,4,16").split(",")])
-      b.mosaic([(14336, 4096), (4096, 14336)], [64, 256])
+      if not args.ms:
+        b.mosaic(only_shapes or [(14336, 4096), (4096, 14336)], [64, 256])
     print(f"[mosaic done at {time.time() - t0:.0f}s]", flush=True)
   if "decode" in only:
     decode_shapes = ([(256, 512)] if args.tiny else
@@ -685,9 +719,6 @@ def main(argv=None):
     b.fp8(shapes[:2], [33] if args.tiny else ms_w8 if args.ms else [16, 4096])
   if "w4a4" in only:
     b.w4a4(shapes[:2], [1024, 4096] if not args.tiny else [33])
-  if "mosaic_w4a4" in only:
-    b.w4a4(shapes[:2], [1024, 4096] if not args.tiny else [33], n_out=64 if args.tiny else 128,
-           g=64 if args.tiny else 128, mosaic=True)
   print(f"\n=== summary ({time.time() - t0:.0f}s, card {b.writer.card}) ===")
   for line in b.summary:
     print(line)

@@ -23,16 +23,18 @@ Lines in <out>/quantized_model.jsonl (DESIGN.md format); a summary table on stdo
 `--variants` adds rows for a format run with one dispatch default swapped in this process
 (an experiment on where the time goes): "w8a8/xla_quantizer" quantizes activations with
 the XLA reference, which XLA fuses into the ops before it (the RMSNorm, the residual add),
-instead of the Pallas kernel (one more launch per linear).
+instead of the Pallas kernel (one more launch per linear); "w4a4/triton" and
+"w4a16/triton" run the Pallas-Triton matmul where the default runs the Mosaic GPU one.
 
-  python -m bench.quantized_model [--tiny] [--formats w8a8,w4a4,w4a16] [--variants]
-                                  [--out DIR]
+  python -m bench.quantized_model [--tiny] [--formats w8a8,w4a4,w4a16]
+                                  [--variants [NAME,...]] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import os
 import time
@@ -90,7 +92,10 @@ def xla_quantizer():
   return common.patched((act_quant_api, "backend_order", lambda: ("xla",)))
 
 
-VARIANTS = {"w8a8/xla_quantizer": ("w8a8", xla_quantizer)}
+VARIANTS = {"w8a8/xla_quantizer": ("w8a8", xla_quantizer),
+            "w4a4/triton": ("w4a4", lambda: common.patched(
+                (lowbit_nn, "W4A4_KERNELS", {**lowbit_nn.W4A4_KERNELS, "gpu": ("pallas_gpu",)}))),
+            "w4a16/triton": ("w4a16", lambda: common.patched((qmm_api, "MOSAIC_W4A16_MAX_M", 0)))}
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -118,16 +123,25 @@ def main(argv=None):
   p.add_argument("--formats", default=",".join(FORMATS))
   p.add_argument("--out", default=os.environ.get("OUT", "."))
   p.add_argument("--iters", type=int, default=5)
-  p.add_argument("--variants", action="store_true", help="also time VARIANTS")
+  p.add_argument("--layers", type=int, default=None,
+                 help="decoder layers (default: the model's; fewer for a quicker run)")
+  p.add_argument("--variants", nargs="?", const=",".join(VARIANTS), default="",
+                  help="also time these VARIANTS (comma-separated; all if no value)")
   args = p.parse_args(argv)
   formats = args.formats.split(",")
   runs = [(fmt, fmt, contextlib.nullcontext) for fmt in formats]
-  if args.variants:
-    runs += [(name, fmt, ctx) for name, (fmt, ctx) in VARIANTS.items()]
+  for name in filter(None, args.variants.split(",")):
+    if name not in VARIANTS:
+      raise SystemExit(f"--variants: unknown variant {name!r}; expected some of "
+                       f"{tuple(VARIANTS)}")
+    runs.append((name, *VARIANTS[name]))
   for fmt in formats:
     if fmt not in FORMATS:
       raise SystemExit(f"--formats: unknown format {fmt!r}; expected some of {FORMATS}")
   config = tiny_config() if args.tiny else llama3_8b_config()
+  if args.layers:
+    config = dataclasses.replace(config, num_layers=args.layers,
+                                 layer_types=config.layer_types[:args.layers])
   group, n_out = (32, 32) if args.tiny else (128, 128)
   prompt_len, batches, steps, context = ((32, (1, 2), 4, 16) if args.tiny
                                          else (2048, (1, 4), 64, 512))
@@ -165,14 +179,17 @@ def main(argv=None):
 def run_format(graphdef, state, config, label, fmt, check_tokens, prompts, base, writer,
                iters, prompt_len, context, steps):
   """Checks and times one quantized state (see the module docstring) -> a table row."""
-  kernel_logits = last_logits(graphdef, state, check_tokens)
+  start = time.time()
+  kernel_logits = common.block(last_logits(graphdef, state, check_tokens))
+  first_call_s = time.time() - start  # mostly compilation
   with simulation_only():
     sim_logits = last_logits(graphdef, state, check_tokens)
   err = rel_err(kernel_logits, sim_logits)
   agree = float(jnp.mean(jnp.argmax(kernel_logits, -1) == jnp.argmax(sim_logits, -1)))
   print(f"{label}: kernels vs simulation logits rel. error {err:.2e}, argmax agreement "
-        f"{agree:.2f}", flush=True)
+        f"{agree:.2f}; first forward (compilation) {first_call_s:.1f} s", flush=True)
   extra = dict(logits_rel_error_vs_simulation=err, argmax_agreement_vs_simulation=agree,
+               first_forward_s=round(first_call_s, 1), layers=config.num_layers,
                weight_bytes=sum(x.nbytes for x in jax.tree.leaves(state)))
   impl = f"lowbit {fmt} QTensors" + ("" if label == fmt else f", variant {label}")
   row = [label, f"{err:.1e}"]

@@ -10,8 +10,8 @@ the same model with the dequantized weights as dense bf16 arrays.
 (an experiment on where a step's time goes; each variant swaps one default in this process
 only and re-traces): "one_launch" (the Pallas kernel without split-K: no zero-filled fp32
 buffer, no atomics, bf16 written directly), "one_launch_bn32" (the same with 32-wide tiles,
-twice the programs), "xla_dequant" (XLA's dequantize-then-dot for every M), "mosaic" (the
-Mosaic GPU kernel first, where it serves the case; the Triton kernel elsewhere).
+twice the programs), "xla_dequant" (XLA's dequantize-then-dot for every M), "triton" (the
+Pallas-Triton kernel where the default puts the Mosaic GPU one first).
 
   python -m bench.w4a16_decode [--tiny] [--variants [NAME,...]] [--out DIR]
 """
@@ -88,18 +88,12 @@ def decode_variant(name: str):
     return common.patched((qmm_config, "_weight_only_default", one_launch(32)))
   if name == "xla_dequant":
     return common.patched((qmm_api, "WEIGHT_ONLY_GPU_MAX_M", 0))
-  if name == "mosaic":
-    order = qmm_api._order
-
-    def mosaic_first(op, implementation, m=None):
-      names = order(op, implementation, m)
-      serves = op == "weight_only_matmul" and "pallas_gpu" in names
-      return ("mosaic_gpu",) + names if serves else names
-    return common.patched((qmm_api, "_order", mosaic_first))
+  if name == "triton":
+    return common.patched((qmm_api, "MOSAIC_W4A16_MAX_M", 0))
   raise ValueError(f"unknown decode variant {name!r}")
 
 
-VARIANTS = ("one_launch", "one_launch_bn32", "xla_dequant", "mosaic")
+VARIANTS = ("one_launch", "one_launch_bn32", "xla_dequant", "triton")
 
 
 def main(argv=None):
