@@ -204,6 +204,10 @@ def mosaic_label(bs):
   return f"mosaic[bn{bs.block_n} st{bs.max_concurrent_steps} sk{bs.split_k or 'auto'}]"
 
 
+def mosaic_w4a4_label(bs):
+  return f"mosaic[bm{bs.block_m} bn{bs.block_n} st{bs.max_concurrent_steps}]"
+
+
 MOSAIC_W4A4_CONFIGS = (  # one warpgroup per tile: 64 x 128 float32 + int32 accumulators
     mosaic_gpu.MosaicW4A4BlockSizes(block_m=64, block_n=128, max_concurrent_steps=2),
     mosaic_gpu.MosaicW4A4BlockSizes(block_m=64, block_n=128, max_concurrent_steps=4),
@@ -216,8 +220,9 @@ MOSAIC_W4A4_CHECKS = [  # m, n, k_main, n_out, block sizes
     (200, 320, 512, 64, MOSAIC_W4A4_CONFIGS[2]),
 ]
 
-# Buffer sets per timed call in the Mosaic section: each set's kernel is lowered anew, so
-# fewer than elsewhere (8 x 8.4 MB of 4096x4096 codes still pass the 50 MB L2).
+# Buffer sets per timed call in the Mosaic sections: XLA compiles the kernel anew for each
+# set's call (~1 s), so fewer than elsewhere (8 x 8.4 MB of 4096x4096 codes still pass the
+# 50 MB L2).
 MOSAIC_ROTATIONS = 8
 
 MOSAIC_CONFIGS = (  # run 10's best tilings at M = 1 and 16 (14336x4096)
@@ -335,8 +340,7 @@ class Bench:
         continue
       xa, wa = rand_w4a4(m, k_main, n_out, 128, 2), rand_w4a4(n, k_main, n_out, 128, 2, "w")
       args = (xa[0], xa[1], wa[0], wa[1], xa[2], xa[3], wa[2], wa[3])
-      label = (f"w4a4 mosaic[bm{bs.block_m} bn{bs.block_n} st{bs.max_concurrent_steps}] "
-               f"{m}x{n}x{k_main}+{n_out}")
+      label = f"w4a4 {mosaic_w4a4_label(bs)} {m}x{n}x{k_main}+{n_out}"
       self.guarded(label, lambda: add(
           label, mosaic_gpu.w4a4_matmul(*args, block_sizes=bs, interpret=ip),
           reference.w4a4_matmul(*args)))
@@ -596,7 +600,7 @@ class Bench:
                  ws[i][3]) for i in range(min(r, len(ws)))]
         candidates = [("pallas_gpu", functools.partial(gpu.w4a4_matmul, group_size=g))]
         if mosaic:
-          candidates += [(f"mosaic[bm{bs.block_m} bn{bs.block_n} st{bs.max_concurrent_steps}]",
+          candidates += [(mosaic_w4a4_label(bs),
                           functools.partial(mosaic_gpu.w4a4_matmul, group_size=g,
                                             block_sizes=bs))
                          for bs in MOSAIC_W4A4_CONFIGS if n % bs.block_n == 0]

@@ -50,7 +50,7 @@ MOSAIC_BLOCK_SIZES = {"weight_only_matmul": MosaicBlockSizes,
 
 # Symmetric W4A16 through Mosaic GPU on an H200 (quantized_matmul.md, run 14): 1.13-1.25x
 # the Triton kernel at M = 1-16 on 14336x4096, 4096x14336 and 28672x8192, slower on
-# 4096x4096 (run 13). So it goes first for up to MOSAIC_W4A16_MAX_M tokens on weights of
+# 4096x4096 (run 11). So it goes first for up to MOSAIC_W4A16_MAX_M tokens on weights of
 # at least MOSAIC_W4A16_MIN_WEIGHTS codes; elsewhere it would need `implementation=`.
 MOSAIC_W4A16_MAX_M = 16
 MOSAIC_W4A16_MIN_WEIGHTS = 1 << 25

@@ -145,9 +145,9 @@ def _in_layout(interpret, value, layout):
 
 
 def _row_vector(interpret, ref, layout):
-  """ref [1, n] or a strided column [n] of smem -> [n] in a wgmma row / column layout."""
-  ref = ref.at[0] if len(ref.shape) == 2 else ref
-  return ref[...] if interpret else plgpu.load(ref, (), layout=layout, optimized=False)
+  """smem ref [1, n] -> [n] in a wgmma row / column layout."""
+  row = ref.at[0]
+  return row[...] if interpret else plgpu.load(row, (), layout=layout, optimized=False)
 
 
 def int4_view(codes: jax.Array) -> jax.Array:
