@@ -29,7 +29,8 @@ from pallas_kernels.quantized_matmul import mosaic_gpu
 from pallas_kernels.quantized_matmul import reference as ref
 from pallas_kernels.quantized_matmul import tpu
 from pallas_kernels.quantized_matmul.config import BlockSizes, TpuBlockSizes
-from pallas_kernels.quantized_matmul.mosaic_gpu import MosaicBlockSizes, MosaicW4A4BlockSizes
+from pallas_kernels.quantized_matmul.mosaic_gpu import (MosaicBlockSizes, MosaicScaledBlockSizes,
+                                                       MosaicW4A4BlockSizes)
 from kernel_checks import assert_lowers_for_cuda, assert_lowers_for_tpu, rel_err
 
 # Relative (Frobenius) error of the reference on quantized operands vs the float product.
@@ -386,6 +387,57 @@ def test_mosaic_gpu_w4a4_refuses_and_lowers():
   assert rel_err(out, ref.w4a4_matmul(*args)) <= KERNEL_BUDGET[jnp.bfloat16]
 
 
+
+@pytest.mark.parametrize("m,n,k,bs", [
+    (200, 128, 256, MosaicScaledBlockSizes(block_m=128, block_n=64, programs=None)),
+    (300, 192, 256, MosaicScaledBlockSizes(block_m=128, block_n=64, programs=2)),
+    (5, 256, 384, MosaicScaledBlockSizes(block_m=128, block_n=256, max_concurrent_steps=2)),
+    (130, 64, 256, MosaicScaledBlockSizes(block_n=64, block_k=256, max_concurrent_steps=1)),
+])
+@pytest.mark.parametrize("op", ["int8", "fp8"])
+def test_mosaic_gpu_scaled_interpret(op, m, n, k, bs):
+  dtype = jnp.int8 if op == "int8" else jnp.float8_e4m3fn
+  args = random_scaled(("mscaled", op, m, n, k), m, n, k, dtype)
+  want = (ref.int8_matmul if op == "int8" else ref.fp8_matmul)(*args)
+  api_op = api.int8_matmul if op == "int8" else api.fp8_matmul
+  out = api_op(*args, implementation="mosaic_gpu", block_sizes=bs, interpret=True)
+  assert out.shape == (m, n) and out.dtype == jnp.bfloat16
+  assert rel_err(out, want) <= KERNEL_BUDGET[jnp.bfloat16]
+
+
+def test_mosaic_gpu_scaled_refuses_and_lowers():
+  args = random_scaled(("mscaled-r",), 4, 192, 200, jnp.int8)
+  with pytest.raises(NotImplementedError, match="K=200"):
+    mosaic_gpu.scaled_matmul(*args, block_sizes=MosaicScaledBlockSizes(block_n=64))
+  with pytest.raises(NotImplementedError, match="N=192"):
+    mosaic_gpu.scaled_matmul(*args, block_sizes=MosaicScaledBlockSizes(block_n=128))
+  assert MosaicScaledBlockSizes.get_default(192).block_n == 64
+  assert MosaicScaledBlockSizes.get_default(14336) == MosaicScaledBlockSizes()
+  assert MosaicScaledBlockSizes.get_default(14336, F32).block_n == 64
+  with pytest.raises(ValueError, match="must both be float8_e4m3fn"):
+    mosaic_gpu.scaled_matmul(args[0].astype(jnp.float8_e4m3fn), *args[1:])
+  with pytest.raises(ValueError, match="must both be int8"):
+    mosaic_gpu.int8_matmul(args[0].astype(jnp.float8_e4m3fn), *args[1:])
+  # K = 200 is refused by the Mosaic kernel and served by the Triton one.
+  out = api.int8_matmul(*args, implementation=("mosaic_gpu", "pallas_gpu"), interpret=True)
+  assert rel_err(out, ref.int8_matmul(*args)) <= KERNEL_BUDGET[jnp.bfloat16]
+  with pytest.raises(ValueError, match="x.dtype=bfloat16"):
+    mosaic_gpu.scaled_matmul(args[0].astype(BF16), *args[1:])
+  for bad in (dict(block_m=64), dict(block_n=96), dict(block_n=512), dict(block_k=64),
+              dict(programs=0)):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+      MosaicScaledBlockSizes(**bad)
+  for dtype, out_dtype in ((I8, BF16), (jnp.float8_e4m3fn, BF16), (I8, F32)):
+    shapes = (sds((1000, 4096), dtype), sds((1000, 1), F32), sds((14336, 4096), dtype),
+              sds((14336, 1), F32))
+    fn = functools.partial(mosaic_gpu.scaled_matmul, out_dtype=out_dtype)
+    text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+  args = random_scaled(("mscaled-f32",), 4, 128, 128, jnp.int8)
+  out = mosaic_gpu.scaled_matmul(*args, out_dtype=F32, interpret=True)
+  assert out.dtype == F32
+  assert rel_err(out, ref.int8_matmul(*args, out_dtype=F32)) <= KERNEL_BUDGET[F32]
+
 def test_mosaic_gpu_default_tiling_and_hopper_guard(monkeypatch):
   assert MosaicBlockSizes.get_default(14336, 4096).block_n == 128
   for n, k in ((28672, 8192), (4096, 14336), (192, 128)):
@@ -518,7 +570,12 @@ def test_api_gpu_order_by_shape(monkeypatch):
   assert api._order("weight_only_matmul", None, large, weights)[0] == "xla_dequant"
   assert api._order("fp8", None, api.FP8_GPU_MAX_M, weights) == ("pallas_gpu", "xla")
   assert api._order("fp8", None, api.FP8_GPU_MAX_M + 1, weights) == ("xla",)
-  assert api._order("int8_matmul", None, 4096, weights) == ("pallas_gpu", "xla")
+  assert api._order("int8_matmul", None, api.MOSAIC_INT8_MIN_M - 1, weights) == \
+      ("pallas_gpu", "xla")
+  assert api._order("int8_matmul", None, api.MOSAIC_INT8_MIN_M, weights) == \
+      ("mosaic_gpu", "pallas_gpu", "xla")
+  assert api._order("fp8", None, api.MOSAIC_FP8_MIN_M - 1, weights) == ("xla",)
+  assert api._order("fp8", None, api.MOSAIC_FP8_MIN_M, weights) == ("mosaic_gpu", "xla")
   monkeypatch.setattr(api.jax, "default_backend", lambda: "tpu")
   assert api._order("w4a4_matmul", None, 1, weights) == ("pallas_tpu", "xla")
 

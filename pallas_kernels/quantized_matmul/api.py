@@ -7,8 +7,9 @@ Each function picks an implementation by backend, shape and dtype (DESIGN.md "Ke
                           cannot serve the case raises NotImplementedError and the next is
                           tried. On a GPU, measured exceptions: large-M W4A16 / W8A16 and
                           FP8 start at XLA (WEIGHT_ONLY_GPU_MAX_M, FP8_GPU_MAX_M); decode
-                          W4A16 on large weights and Atom W4A4 start at "mosaic_gpu"
-                          (Hopper only; see MOSAIC_W4A16_MAX_M).
+                          W4A16 on large weights, Atom W4A4, and W8A8 / FP8 from 1024 /
+                          2048 tokens start at "mosaic_gpu" (Hopper only; see
+                          MOSAIC_W4A16_MAX_M, MOSAIC_INT8_MIN_M).
   implementation="name"   that implementation only; its errors propagate.
   implementation=(...)    that order.
 
@@ -33,7 +34,8 @@ from pallas_kernels.quantized_matmul import mosaic_gpu
 from pallas_kernels.quantized_matmul import reference
 from pallas_kernels.quantized_matmul import tpu
 from pallas_kernels.quantized_matmul.config import BlockSizes, TpuBlockSizes
-from pallas_kernels.quantized_matmul.mosaic_gpu import MosaicBlockSizes, MosaicW4A4BlockSizes
+from pallas_kernels.quantized_matmul.mosaic_gpu import (MosaicBlockSizes, MosaicScaledBlockSizes,
+                                                       MosaicW4A4BlockSizes)
 
 IMPLEMENTATIONS = ("mosaic_gpu", "pallas_gpu", "pallas_tpu", "xla_dequant", "xla")
 
@@ -46,7 +48,8 @@ WEIGHT_ONLY_GPU_MAX_M = 256
 
 # The block-size types of the Mosaic GPU kernels, by op.
 MOSAIC_BLOCK_SIZES = {"weight_only_matmul": MosaicBlockSizes,
-                      "w4a4_matmul": MosaicW4A4BlockSizes}
+                      "w4a4_matmul": MosaicW4A4BlockSizes,
+                      "int8_matmul": MosaicScaledBlockSizes, "fp8": MosaicScaledBlockSizes}
 
 # Symmetric W4A16 through Mosaic GPU on an H200 (quantized_matmul.md, run 14): 1.13-1.25x
 # the Triton kernel at M = 1-16 on 14336x4096, 4096x14336 and 28672x8192, slower on
@@ -59,6 +62,14 @@ MOSAIC_W4A16_MIN_WEIGHTS = 1 << 25
 # both Mosaic GPU kernels is compile time, ~0.9-1.4 s per call site on jax 0.11.2 (the
 # Triton ones are cached across identical call sites): +40 s for the 28 W4A4 linears of 4
 # Llama-3-8B layers, +3 min for all 32 (quantized_model.md).
+
+# W8A8 and FP8 through Mosaic GPU (TMA ring, two wgmma warpgroups, one program per SM) on
+# an H200 (quantized_matmul.md, runs 15-16): int8 2.0-2.3x XLA bf16 at M = 2048-4096 on
+# all four Llama-3-8B shapes (the Triton kernel: 1.55-1.77x) and 1.76-1.99x at M = 1024;
+# fp8 1.01-1.24x XLA's own fp8 dot at M = 2048-4096, 0.92-1.06x at 1024. Below that its
+# 256-token tiles waste work (M = 64: 0.5-0.9x bf16), so it goes first from these M on.
+MOSAIC_INT8_MIN_M = 1024
+MOSAIC_FP8_MIN_M = 2048
 
 # FP8 on a GPU: Pallas' Triton lowering emits its fp8 dot without `maxNumImpreciseAcc`,
 # and Triton then upcasts both operands to fp16 (mma.sync HMMA instead of fp8 wgmma; seen
@@ -73,7 +84,11 @@ def _order(op: str, implementation, m: int, weights: int) -> tuple[str, ...]:
   if implementation is None:
     backend = jax.default_backend()
     if op == "fp8" and backend == "gpu":
+      if m >= MOSAIC_FP8_MIN_M:
+        return ("mosaic_gpu", "xla")
       return ("pallas_gpu", "xla") if m <= FP8_GPU_MAX_M else ("xla",)
+    if op == "int8_matmul" and backend == "gpu" and m >= MOSAIC_INT8_MIN_M:
+      return ("mosaic_gpu", "pallas_gpu", "xla")
     if op == "weight_only_matmul" and backend == "gpu":
       if m > WEIGHT_ONLY_GPU_MAX_M:
         return ("xla_dequant", "xla")
@@ -123,22 +138,24 @@ def weight_only_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array,
 def int8_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
                 w_scales: jax.Array, *, out_dtype=jnp.bfloat16,
                 implementation: str | Sequence[str] | None = None,
-                block_sizes: BlockSizes | TpuBlockSizes | None = None,
+                block_sizes: BlockSizes | TpuBlockSizes | MosaicScaledBlockSizes | None = None,
                 interpret: Any = False) -> jax.Array:
   """W8A8: int8 [M, K] x int8 [N, K] (contraction minor) -> [M, N], int32 accumulation,
   rescaled by x_scales [M, 1] (per token) and w_scales [N, 1] (per channel)."""
-  fns = {"pallas_gpu": gpu.int8_matmul, "pallas_tpu": tpu.int8_matmul,
-         "xla": reference.int8_matmul}
+  fns = {"mosaic_gpu": mosaic_gpu.int8_matmul, "pallas_gpu": gpu.int8_matmul,
+         "pallas_tpu": tpu.int8_matmul, "xla": reference.int8_matmul}
   return _dispatch("int8_matmul", fns, implementation, block_sizes, interpret,
                    x_codes, x_scales, w_codes, w_scales, out_dtype=out_dtype)
 
 
 def fp8_matmul(x: jax.Array, x_scales: jax.Array, w: jax.Array, w_scales: jax.Array, *,
                out_dtype=jnp.bfloat16, implementation: str | Sequence[str] | None = None,
-               block_sizes: BlockSizes | None = None, interpret: Any = False) -> jax.Array:
+               block_sizes: BlockSizes | MosaicScaledBlockSizes | None = None,
+               interpret: Any = False) -> jax.Array:
   """FP8 (e4m3) W8A8: x [M, K] x w [N, K] -> [M, N], fp32 accumulation, per-token and
   per-channel scales [M, 1] and [N, 1]."""
-  fns = {"pallas_gpu": gpu.fp8_matmul, "xla": reference.fp8_matmul}
+  fns = {"mosaic_gpu": mosaic_gpu.fp8_matmul, "pallas_gpu": gpu.fp8_matmul,
+         "xla": reference.fp8_matmul}
   return _dispatch("fp8", fns, implementation, block_sizes, interpret,
                    x, x_scales, w, w_scales, out_dtype=out_dtype)
 
