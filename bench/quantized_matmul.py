@@ -18,8 +18,9 @@ In one process on one GPU (METHOD.md):
 
 Usage (GPU):  PYTHONUNBUFFERED=1 python3 -m bench.quantized_matmul --out $OUT
   --only check,w4a16,w8a8,fp8,w4a4   sections to run; --ms 1,16 to restrict M;
-  --only check,mosaic,mosaic_w4a4    the Mosaic GPU kernels (W4A16 decode, Atom W4A4)
-                                     beside the Triton ones, with their checks;
+  --only check,mosaic,mosaic_w4a4    the Mosaic GPU kernels (W4A16 decode, Atom W4A4,
+        ,mosaic_scaled               W8A8 and FP8 at M = 2048, 4096) beside the Triton
+                                     ones, with their checks;
   --only check,decode                the decode path (M in 1, 4, 16; four shapes): its
                                      checks, then XLA bf16, the default tiling and the
                                      alternatives of runs 5-6, one process;
@@ -220,6 +221,35 @@ MOSAIC_W4A4_CHECKS = [  # m, n, k_main, n_out, block sizes
     (200, 320, 512, 64, MOSAIC_W4A4_CONFIGS[2]),
 ]
 
+def mosaic_scaled_label(bs):
+  return (f"mosaic[bm{bs.block_m} bn{bs.block_n} bk{bs.block_k} "
+          f"st{bs.max_concurrent_steps}{f' p{bs.programs}' if bs.programs else ''}]")
+
+
+_scaled = mosaic_gpu.MosaicScaledBlockSizes
+MOSAIC_SCALED_CONFIGS = (  # two compute warpgroups, each [block_m / 2, block_n]
+    _scaled(block_m=256, block_n=128, max_concurrent_steps=3, programs=NUM_SMS),
+    _scaled(block_m=128, block_n=256, max_concurrent_steps=3),
+    _scaled(block_m=128, block_n=128, max_concurrent_steps=4, programs=NUM_SMS),
+    _scaled(block_m=128, block_n=128, max_concurrent_steps=4),
+)
+# Timed in run 15 and dropped: the same tilings with and without `programs` (within
+# 0-8% of the two above; quantized_matmul.md).
+
+MOSAIC_SCALED_CHECKS = [  # op, m, n, k, block sizes
+    ("int8", 1000, 4096, 4096, MOSAIC_SCALED_CONFIGS[0]),
+    ("int8", 4096, 14336, 4096, MOSAIC_SCALED_CONFIGS[1]),
+    ("int8", 77, 512, 1024, MOSAIC_SCALED_CONFIGS[2]),
+    ("int8", 2000, 28672, 1024, MOSAIC_SCALED_CONFIGS[3]),
+    ("fp8", 300, 1024, 2048, MOSAIC_SCALED_CONFIGS[0]),
+    ("fp8", 2048, 4096, 14336, MOSAIC_SCALED_CONFIGS[1]),
+    ("fp8", 33, 256, 512, MOSAIC_SCALED_CONFIGS[2]),
+    ("fp8", 4096, 14336, 4096, MOSAIC_SCALED_CONFIGS[3]),
+]
+# Fewer buffer sets per call for these (compute-bound at M >= 2048, where 4 sets of the
+# smallest case, 4096x4096 at M = 2048, already pass L2 three times over).
+MOSAIC_SCALED_ROTATIONS = 4
+
 # Buffer sets per timed call in the Mosaic sections: XLA compiles the kernel anew for each
 # set's call (~1 s), so fewer than elsewhere (8 x 8.4 MB of 4096x4096 codes still pass the
 # 50 MB L2).
@@ -344,6 +374,15 @@ class Bench:
       self.guarded(label, lambda: add(
           label, mosaic_gpu.w4a4_matmul(*args, block_sizes=bs, interpret=ip),
           reference.w4a4_matmul(*args)))
+    for (op, m, n, k, bs) in MOSAIC_SCALED_CHECKS:
+      if self.tiny and m * n * k > 5e6:
+        continue
+      rand = rand_i8 if op == "int8" else rand_f8
+      (xq, xs), (wq, ws) = rand(m, k, 3), rand(n, k, 3, "w")
+      label = f"{op} {mosaic_scaled_label(bs)} {m}x{n}x{k}"
+      self.guarded(label, lambda: add(
+          label, mosaic_gpu.scaled_matmul(xq, xs, wq, ws, block_sizes=bs, interpret=ip),
+          (reference.int8_matmul if op == "int8" else reference.fp8_matmul)(xq, xs, wq, ws)))
     if decode_only:
       return rows
     for (m, n, k, g, sym, bits, cw) in [(1, 4096, 4096, 128, True, 4, 8),
@@ -495,7 +534,15 @@ class Bench:
         out.append((f"pallas_gpu[{bm}x{bn} w{w} s{st}{' join' if join else ''}]", bs))
     return out
 
-  def w8a8(self, shapes, ms):
+  def mosaic_scaled_candidates(self, n, k):
+    """(label, fn, block sizes) of the Mosaic GPU int8 / fp8 tilings that fit N x K."""
+    configs = MOSAIC_SCALED_CONFIGS[:1] if self.tiny else MOSAIC_SCALED_CONFIGS
+    return [(mosaic_scaled_label(bs), mosaic_gpu.scaled_matmul, bs) for bs in configs
+            if n % bs.block_n == 0 and k % bs.block_k == 0]
+
+  def w8a8(self, shapes, ms, mosaic=False):
+    """W8A8 against XLA bf16 and XLA's int8 dot: the Triton tilings of `w8a8_configs`,
+    or with `mosaic` the Triton default and the Mosaic GPU tilings."""
     for (n, k) in shapes:
       r8 = rotations(n * k)
       wq = [rand_i8(n, k, i, "w") for i in range(r8)]
@@ -523,11 +570,16 @@ class Bench:
         if xi is not None:
           self.record(case, "xla_int8_nt+rescale", "xla_bf16", xi[0], base_ms, flops,
                       nbytes, 2.0)
-        for label, bs in self.w8a8_configs(m, n, k):
-          res = self.guarded(f"int8 {label} M={m}", lambda bs=bs: time_op(
-              functools.partial(gpu.int8_matmul, block_sizes=bs, interpret=self.interpret),
+        triton = self.scaled_configs("int8", m, n, k)[:1] if mosaic else \
+            self.w8a8_configs(m, n, k)
+        candidates = [(label, gpu.int8_matmul, bs) for label, bs in triton]
+        candidates += self.mosaic_scaled_candidates(n, k) if mosaic else []
+        for label, fn, bs in candidates:
+          res = self.guarded(f"int8 {label} M={m}", lambda: time_op(
+              functools.partial(fn, block_sizes=bs, interpret=self.interpret),
               [(xq[i][0], xq[i][1], wq_m[i][0], wq_m[i][1]) for i in range(r8)],
-              iters=self.iters))
+              iters=self.iters,
+              r=MOSAIC_SCALED_ROTATIONS if fn is mosaic_gpu.scaled_matmul else None))
           if res is not None:
             self.record(case, label, "xla_bf16", res[0], base_ms, flops, nbytes, 2.0,
                         block_sizes=bs.__dict__, spread=res[1],
@@ -553,7 +605,9 @@ class Bench:
                              num_stages=st)))
     return out
 
-  def fp8(self, shapes, ms):
+  def fp8(self, shapes, ms, mosaic=False):
+    """FP8 against XLA's own fp8 dot: the Triton default (and its unsplit twin), and with
+    `mosaic` the Mosaic GPU tilings."""
     for (n, k) in shapes:
       wq = [rand_f8(n, k, i, "w") for i in range(rotations(n * k))]
       for m in ms:
@@ -567,10 +621,14 @@ class Bench:
         if base is None:
           continue
         self.record(case, "xla_fp8", "xla_fp8", base[0], base[0], flops, nbytes, 2.0)
-        for label, bs in self.scaled_configs("fp8", m, n, k):
-          res = self.guarded(f"fp8 {label} M={m}", lambda bs=bs: time_op(
-              functools.partial(gpu.fp8_matmul, block_sizes=bs, interpret=self.interpret),
-              sets, iters=self.iters))
+        candidates = [(label, gpu.fp8_matmul, bs)
+                      for label, bs in self.scaled_configs("fp8", m, n, k)]
+        candidates += self.mosaic_scaled_candidates(n, k) if mosaic else []
+        for label, fn, bs in candidates:
+          res = self.guarded(f"fp8 {label} M={m}", lambda: time_op(
+              functools.partial(fn, block_sizes=bs, interpret=self.interpret),
+              sets, iters=self.iters,
+              r=MOSAIC_SCALED_ROTATIONS if fn is mosaic_gpu.scaled_matmul else None))
           if res is not None:
             self.record(case, label, "xla_fp8", res[0], base[0], flops, nbytes, 2.0,
                         block_sizes=bs.__dict__, spread=res[1])
@@ -678,7 +736,7 @@ def main(argv=None):
     return 0
   b.ceilings()
   if "check" in only:
-    b.check(decode_only=bool(only & {"decode", "mosaic", "mosaic_w4a4"})
+    b.check(decode_only=bool(only & {"decode", "mosaic", "mosaic_w4a4", "mosaic_scaled"})
             and not only & {"w4a16", "w8a8"})
   if args.tiny:
     shapes, ms_w4, ms_w8 = [(256, 512)], [1, 20], [33]
@@ -694,6 +752,13 @@ def main(argv=None):
     b.w4a4(shapes[:2], [1024, 4096] if not args.tiny else [33], n_out=64 if args.tiny else 128,
            g=64 if args.tiny else 128, mosaic=True)
     print(f"[mosaic_w4a4 done at {time.time() - t0:.0f}s]", flush=True)
+  if "mosaic_scaled" in only:
+    scaled_shapes = ([(256, 512)] if args.tiny else
+                     only_shapes or [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)])
+    scaled_ms = [33] if args.tiny else [int(v) for v in (args.ms or "2048,4096").split(",")]
+    b.w8a8(scaled_shapes, scaled_ms, mosaic=True)
+    b.fp8(scaled_shapes, scaled_ms, mosaic=True)
+    print(f"[mosaic_scaled done at {time.time() - t0:.0f}s]", flush=True)
   if "mosaic" in only:
     if args.tiny:
       b.mosaic([(256, 512)], [1, 20])

@@ -11,10 +11,10 @@ and lm_head stay bf16), as its recipe stores it:
          activations 4-bit per group ("w4a4": `activation_quant` + `w4a4_matmul`);
   w4a16  4-bit groups of 128, bf16 activations (`weight_only_matmul`).
 For each format, on the device:
-  1. correctness: last-position logits of a 64-token prompt through the kernels, against
-     the same QTensors through the simulation (`simulation_only`: dequantized weights,
-     fake-quantized activations, XLA dots), the path every accuracy result of the
-     library was measured with;
+  1. correctness: last-position logits of 64-token prompts (--check-batch of them) through
+     the kernels, against the same QTensors through the simulation (`simulation_only`:
+     dequantized weights, fake-quantized activations, XLA dots), the path every accuracy
+     result of the library was measured with;
   2. prefill: 2048-token prompts at batch 1 and 4 (cache-less forward, last-position
      logits), tokens/s against bf16;
   3. decode: ms per step of the compiled decode loop at batch 1 (512 tokens of cache).
@@ -23,8 +23,9 @@ Lines in <out>/quantized_model.jsonl (DESIGN.md format); a summary table on stdo
 `--variants` adds rows for a format run with one dispatch default swapped in this process
 (an experiment on where the time goes): "w8a8/xla_quantizer" quantizes activations with
 the XLA reference, which XLA fuses into the ops before it (the RMSNorm, the residual add),
-instead of the Pallas kernel (one more launch per linear); "w4a4/triton" and
-"w4a16/triton" run the Pallas-Triton matmul where the default runs the Mosaic GPU one.
+instead of the Pallas kernel (one more launch per linear); "w4a4/triton",
+"w4a16/triton" and "w8a8/triton" run the Pallas-Triton matmul where the default runs the
+Mosaic GPU one.
 
   python -m bench.quantized_model [--tiny] [--formats w8a8,w4a4,w4a16]
                                   [--variants [NAME,...]] [--out DIR]
@@ -95,7 +96,9 @@ def xla_quantizer():
 VARIANTS = {"w8a8/xla_quantizer": ("w8a8", xla_quantizer),
             "w4a4/triton": ("w4a4", lambda: common.patched(
                 (lowbit_nn, "W4A4_KERNELS", {**lowbit_nn.W4A4_KERNELS, "gpu": ("pallas_gpu",)}))),
-            "w4a16/triton": ("w4a16", lambda: common.patched((qmm_api, "MOSAIC_W4A16_MAX_M", 0)))}
+            "w4a16/triton": ("w4a16", lambda: common.patched((qmm_api, "MOSAIC_W4A16_MAX_M", 0))),
+            "w8a8/triton": ("w8a8", lambda: common.patched(
+                (qmm_api, "MOSAIC_INT8_MIN_M", float("inf"))))}
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -123,6 +126,9 @@ def main(argv=None):
   p.add_argument("--formats", default=",".join(FORMATS))
   p.add_argument("--out", default=os.environ.get("OUT", "."))
   p.add_argument("--iters", type=int, default=5)
+  p.add_argument("--check-batch", type=int, default=2,
+                 help="sequences of 64 tokens in the logits check (16: M = 1024, where "
+                      "W8A8 takes the Mosaic GPU kernel)")
   p.add_argument("--layers", type=int, default=None,
                  help="decoder layers (default: the model's; fewer for a quicker run)")
   p.add_argument("--variants", nargs="?", const=",".join(VARIANTS), default="",
@@ -148,7 +154,8 @@ def main(argv=None):
   writer = common.ResultWriter(os.path.join(args.out, f"{BENCH}.jsonl"), BENCH)
   t0 = time.time()
   graphdef, bf16_state = build_on_device(config)
-  check_tokens = jax.random.randint(jax.random.key(1), (2, 64 if not args.tiny else 16), 0,
+  check_tokens = jax.random.randint(jax.random.key(1),
+                                    (args.check_batch, 64 if not args.tiny else 16), 0,
                                     config.vocab_size)
   prompts = {b: jax.random.randint(jax.random.key(b), (b, prompt_len), 0, config.vocab_size)
              for b in batches}
