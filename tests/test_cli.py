@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -45,3 +48,20 @@ def test_empty_text_is_an_error(tmp_path, capsys):
   empty.write_text("  \n")
   assert main(["eval", "--model", "smollm2-135m", "--text", str(empty)]) == 2
   assert "is empty" in capsys.readouterr().err
+
+
+def test_the_command_keeps_compiled_programs_in_the_lowbit_cache(tmp_path):
+  """`run` (the console script) points JAX's persistent cache into $LOWBIT_CACHE, unless
+  JAX_COMPILATION_CACHE_DIR names another folder. A fresh process: the setting is global."""
+  probe = ("from train.cli import use_compilation_cache; import jax; "
+           "use_compilation_cache(); print(jax.config.jax_compilation_cache_dir)")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env["LOWBIT_CACHE"] = str(tmp_path / "lb")
+
+  def cache_dir_in(env):
+    return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+  assert cache_dir_in(env) == str(tmp_path / "lb" / "jax")
+  assert cache_dir_in({**env, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "x")}) == \
+      str(tmp_path / "x")
