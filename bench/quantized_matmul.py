@@ -206,19 +206,27 @@ def mosaic_label(bs):
 
 
 def mosaic_w4a4_label(bs):
-  return f"mosaic[bm{bs.block_m} bn{bs.block_n} st{bs.max_concurrent_steps}]"
+  x8 = " x8" if bs.x_int8 else ""
+  return f"mosaic[bm{bs.block_m} bn{bs.block_n} st{bs.max_concurrent_steps}{x8}]"
 
 
-MOSAIC_W4A4_CONFIGS = (  # one warpgroup per tile: 64 x 128 float32 + int32 accumulators
-    mosaic_gpu.MosaicW4A4BlockSizes(block_m=64, block_n=128, max_concurrent_steps=2),
-    mosaic_gpu.MosaicW4A4BlockSizes(block_m=64, block_n=128, max_concurrent_steps=4),
-    mosaic_gpu.MosaicW4A4BlockSizes(block_m=64, block_n=64, max_concurrent_steps=2),
+_w4a4 = mosaic_gpu.MosaicW4A4BlockSizes
+MOSAIC_W4A4_CONFIGS = (  # one warpgroup per tile: float32 + int32 accumulators
+    _w4a4(block_m=64, block_n=128, max_concurrent_steps=2),
+    _w4a4(block_m=64, block_n=128, max_concurrent_steps=4),
+    _w4a4(block_m=64, block_n=64, max_concurrent_steps=2),
+    # x unpacked by XLA: the kernel unpacks the weights only (not yet timed)
+    _w4a4(block_m=128, block_n=64, max_concurrent_steps=2, x_int8=True),
+    _w4a4(block_m=128, block_n=64, max_concurrent_steps=4, x_int8=True),
+    _w4a4(block_m=64, block_n=128, max_concurrent_steps=2, x_int8=True),
 )
 
 MOSAIC_W4A4_CHECKS = [  # m, n, k_main, n_out, block sizes
     (3, 256, 896, 128, MOSAIC_W4A4_CONFIGS[0]),
     (1000, 4096, 3968, 128, MOSAIC_W4A4_CONFIGS[1]),
     (200, 320, 512, 64, MOSAIC_W4A4_CONFIGS[2]),
+    (1000, 4096, 3968, 128, MOSAIC_W4A4_CONFIGS[3]),
+    (130, 256, 896, 64, MOSAIC_W4A4_CONFIGS[5]),
 ]
 
 def mosaic_scaled_label(bs):

@@ -359,6 +359,9 @@ def test_mosaic_gpu_lowers_for_cuda():
     (70, 256, 256, 64, 64, MosaicW4A4BlockSizes(block_n=64)),
     (5, 128, 512, 128, 128, MosaicW4A4BlockSizes(max_concurrent_steps=1)),
     (130, 64, 512, 32, 256, MosaicW4A4BlockSizes(block_m=128, block_n=64)),
+    (70, 256, 256, 64, 64, MosaicW4A4BlockSizes(block_m=128, block_n=64, x_int8=True)),
+    (5, 128, 512, 0, 128, MosaicW4A4BlockSizes(max_concurrent_steps=1, x_int8=True)),
+    (130, 64, 512, 32, 256, MosaicW4A4BlockSizes(block_n=64, x_int8=True)),
 ])
 def test_mosaic_gpu_w4a4_interpret(m, n, k_main, n_out, g, bs):
   args = random_w4a4(("mw4a4", m, n, g), m, n, k_main, n_out, g)
@@ -376,12 +379,13 @@ def test_mosaic_gpu_w4a4_refuses_and_lowers():
     mosaic_gpu.w4a4_matmul(*args[:4], block_sizes=MosaicW4A4BlockSizes(block_n=96))
   with pytest.raises(ValueError, match="block_m=32"):
     MosaicW4A4BlockSizes(block_m=32)
-  fn = functools.partial(mosaic_gpu.w4a4_matmul, group_size=128)
   shapes = (sds((1000, 1984), I8), sds((1000, 31), F32), sds((4096, 1984), I8),
             sds((4096, 31), F32), sds((1000, 128), I8), sds((1000, 1), F32),
             sds((4096, 128), I8), sds((4096, 1), F32))
-  text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in text
+  for bs in (None, MosaicW4A4BlockSizes(block_m=128, block_n=64, x_int8=True)):
+    fn = functools.partial(mosaic_gpu.w4a4_matmul, group_size=128, block_sizes=bs)
+    text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
   # n_out = 24 is refused by the Mosaic kernel and served by the Triton one.
   out = api.w4a4_matmul(*args, implementation=("mosaic_gpu", "pallas_gpu"), interpret=True)
   assert rel_err(out, ref.w4a4_matmul(*args)) <= KERNEL_BUDGET[jnp.bfloat16]
