@@ -442,6 +442,19 @@ def test_mosaic_gpu_scaled_refuses_and_lowers():
   assert out.dtype == F32
   assert rel_err(out, ref.int8_matmul(*args, out_dtype=F32)) <= KERNEL_BUDGET[F32]
 
+
+def test_mosaic_gpu_call_sites_share_one_lowered_kernel():
+  """The Mosaic GPU entry points are jitted: identical calls in a model lower to one
+  function (one custom call in the module), not one Pallas lowering per call site."""
+  args = (sds((256, 512), I8), sds((256, 1), F32), sds((512, 512), I8), sds((512, 1), F32))
+
+  def two_layers(x, xs, w, ws):
+    hidden = mosaic_gpu.scaled_matmul(x, xs, w, ws)
+    return mosaic_gpu.scaled_matmul(hidden.astype(I8), xs, w, ws)
+
+  text = jax.jit(two_layers).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+
 def test_mosaic_gpu_default_tiling_and_hopper_guard(monkeypatch):
   assert MosaicBlockSizes.get_default(14336, 4096).block_n == 128
   for n, k in ((28672, 8192), (4096, 14336), (192, 128)):
