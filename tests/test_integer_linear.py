@@ -97,6 +97,17 @@ def test_integer_path_through_mosaic_w4a4_kernel_in_interpret_mode():
   assert rel_diff(got, simulate(x, q)) < BUDGET
 
 
+
+def test_integer_path_through_mosaic_int8_kernel_in_interpret_mode():
+  """W8A8 through the Mosaic GPU int8 kernel (one 128-wide tile of N, K = 256, 3 padded
+  tokens), with the float32 output a float32 model asks for."""
+  q = make_qtensor("w8a8", 128, 256, seed=7)
+  x = inputs((3, 256), seed=8)
+  got = nn.integer_linear(x, q, implementation="xla", matmul_implementation="mosaic_gpu",
+                          interpret=True)
+  assert got.dtype == jnp.float32
+  assert rel_diff(got, simulate(x, q)) < BUDGET
+
 def test_gpu_backend_tries_the_w4a4_kernels(monkeypatch):
   """On a GPU, W4A4 goes to the Mosaic GPU kernel, then Triton, never XLA's group loop."""
   q = make_qtensor("atom-w4a4", 32, 112, seed=3, group_size=32, num_outliers=16)
