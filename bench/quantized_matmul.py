@@ -202,7 +202,9 @@ def decode_configs(m, n, k, g):
 
 
 def mosaic_label(bs):
-  return f"mosaic[bn{bs.block_n} st{bs.max_concurrent_steps} sk{bs.split_k or 'auto'}]"
+  gps = f" gps{bs.groups_per_step}" if bs.groups_per_step > 1 else ""
+  return (f"mosaic[bn{bs.block_n} st{bs.max_concurrent_steps} sk{bs.split_k or 'auto'}"
+          f"{gps}]")
 
 
 def mosaic_w4a4_label(bs):
@@ -266,6 +268,9 @@ MOSAIC_ROTATIONS = 8
 MOSAIC_CONFIGS = (  # run 10's best tilings at M = 1 and 16 (14336x4096)
     mosaic_gpu.MosaicBlockSizes(block_n=128, max_concurrent_steps=4),
     mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=4),
+    # several groups per TMA step (not yet timed)
+    mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=4, groups_per_step=4),
+    mosaic_gpu.MosaicBlockSizes(block_n=128, max_concurrent_steps=3, groups_per_step=2),
 )
 
 
@@ -279,6 +284,8 @@ MOSAIC_CHECKS = [  # m, n, k, g, symmetric, block sizes
     (16, 14336, 4096, 128, True, mosaic_gpu.MosaicBlockSizes()),
     (1, 4096, 14336, 128, True, mosaic_gpu.MosaicBlockSizes()),
     (16, 28672, 8192, 128, True, mosaic_gpu.MosaicBlockSizes(block_n=64)),
+    (4, 14336, 4096, 128, True, MOSAIC_CONFIGS[2]),
+    (13, 512, 1024, 64, True, MOSAIC_CONFIGS[3]),
 ]
 
 

@@ -287,6 +287,9 @@ MOSAIC_CASES = [  # m, n, k, g, block sizes
     (16, 128, 1024, 256, MosaicBlockSizes(split_k=2, max_concurrent_steps=2)),
     (33, 192, 256, 128, MosaicBlockSizes(block_n=64)),
     (64, 128, 256, 64, MosaicBlockSizes(max_concurrent_steps=1)),
+    (3, 128, 1024, 128, MosaicBlockSizes(groups_per_step=4)),
+    (9, 128, 1024, 64, MosaicBlockSizes(block_n=64, split_k=2, groups_per_step=2,
+                                        max_concurrent_steps=2)),
     (3, 192, 512, 128, None),  # the default tiling: 64 rows (N not a multiple of 128)
 ]
 
@@ -345,10 +348,15 @@ def test_mosaic_gpu_refuses_what_it_cannot_serve():
     MosaicBlockSizes(block_n=96)
   with pytest.raises(ValueError, match="max_concurrent_steps=0"):
     MosaicBlockSizes(max_concurrent_steps=0)
+  with pytest.raises(ValueError, match="groups_per_step=3"):  # 2 groups of K = 256
+    mosaic_gpu.weight_only_matmul(x[:4], codes, scales, bits=4, group_size=128,
+                                  block_sizes=MosaicBlockSizes(split_k=1, groups_per_step=3))
 
 
-def test_mosaic_gpu_lowers_for_cuda():
-  fn = functools.partial(mosaic_gpu.weight_only_matmul, bits=4, group_size=128)
+@pytest.mark.parametrize("bs", [None, MosaicBlockSizes(block_n=64, groups_per_step=4)])
+def test_mosaic_gpu_lowers_for_cuda(bs):
+  fn = functools.partial(mosaic_gpu.weight_only_matmul, bits=4, group_size=128,
+                         block_sizes=bs)
   args = (sds((4, 4096), BF16), sds((4096, 2048), I8), sds((4096, 32), F32))
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text

@@ -77,11 +77,15 @@ class MosaicBlockSizes:
     block_n: output channels per program, a multiple of 64 (one wgmma M per 64 rows).
     split_k: programs that share one output tile along K; must divide the group count.
       Their float32 partials are summed by XLA. None picks enough programs for the GPU.
-    max_concurrent_steps: groups of codes in flight per program (the TMA ring depth).
+    max_concurrent_steps: pipeline steps in flight per program (the TMA ring depth).
+    groups_per_step: quantization groups per pipeline step: more bytes per TMA copy and
+      fewer barrier waits per byte (a step of one g128 group at block_n = 64 moves only 4
+      KB of codes). Must divide each program's share of the groups. Not timed on a GPU yet.
   """
   block_n: int = 128
   split_k: int | None = None
   max_concurrent_steps: int = 4
+  groups_per_step: int = 1
 
   def __post_init__(self):
     if self.block_n <= 0 or self.block_n % WGMMA_ROWS:
@@ -90,6 +94,8 @@ class MosaicBlockSizes:
       raise ValueError(f"split_k={self.split_k} must be >= 1")
     if self.max_concurrent_steps < 1:
       raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 1")
+    if self.groups_per_step < 1:
+      raise ValueError(f"groups_per_step={self.groups_per_step} must be >= 1")
 
   @classmethod
   def get_default(cls, n: int, k: int) -> "MosaicBlockSizes":
@@ -108,7 +114,7 @@ def default_split_k(n_tiles: int, n_groups: int) -> int:
 
 
 def _split_k(bs: MosaicBlockSizes, n: int, n_groups: int) -> int:
-  return bs.split_k or default_split_k(n // bs.block_n, n_groups)
+  return bs.split_k or default_split_k(n // bs.block_n, n_groups // bs.groups_per_step)
 
 
 def require_hopper(interpret) -> None:
@@ -205,6 +211,9 @@ def check(x, codes, scales, zeros, *, bits: int, group_size: int,
   split = _split_k(block_sizes, n, n_groups)
   if n_groups % split:
     raise ValueError(f"split_k={split} must divide the {n_groups} groups of K={k}")
+  if (n_groups // split) % block_sizes.groups_per_step:
+    raise ValueError(f"groups_per_step={block_sizes.groups_per_step} must divide the "
+                     f"{n_groups // split} groups of each of the split_k={split} programs")
 
 
 def kernel_operands(x: jax.Array, codes: jax.Array, scales: jax.Array, *, group_size: int,
@@ -233,7 +242,9 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales_t: jax.Array, *
   n_groups = k // g
   n_tiles = n // bs.block_n
   split = _split_k(bs, n, n_groups)
-  steps = n_groups // split
+  per_step = bs.groups_per_step
+  steps = n_groups // split // per_step
+  step_k = per_step * g                                    # channels of K per step
 
   swizzled = functools.partial(_smem_transforms, interpret)
   in_layout = functools.partial(_in_layout, interpret)
@@ -245,30 +256,34 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales_t: jax.Array, *
     w_staging = scratch[0] if interpret else None
 
     def step(_, w_smem, x_smem, s_smem, acc_ref):
-      w = in_layout(w_smem[...], plgpu.Layout.WGMMA_UPCAST_4X)  # int4 [bn, g]
-      w = in_layout(w, plgpu.Layout.WGMMA).astype(jnp.bfloat16)          # bf16 [bn, g]
-      s = in_layout(s_smem[0], plgpu.Layout.WGMMA.reduce(1))             # f32 [bn]
-      w = w * lax.broadcast_in_dim(s.astype(jnp.bfloat16), w.shape, [0])
-      if interpret:  # the interpreter's wgmma takes its left operand from smem only
-        w_staging[...] = w
-        w = w_staging
-      x_t = x_smem if interpret else plgpu.transpose_ref(x_smem, (1, 0))    # [g, mp]
-      plgpu.wgmma(acc_ref, w, x_t)                                        # [bn, mp]
-      # Each step waits for its wgmma. Leaving one in flight (wgmma_wait(1), the x slot
-      # released a step later) gave non-finite outputs with split-K on an H200 (run 13).
-      plgpu.wgmma_wait(0)
+      for j in range(per_step):  # the step's groups: codes [bn, step_k], x [mp, step_k]
+        group_k = pl.ds(j * g, g)
+        w = in_layout(w_smem.at[:, group_k][...], plgpu.Layout.WGMMA_UPCAST_4X)  # [bn, g]
+        w = in_layout(w, plgpu.Layout.WGMMA).astype(jnp.bfloat16)        # bf16 [bn, g]
+        s = in_layout(s_smem[j], plgpu.Layout.WGMMA.reduce(1))           # f32 [bn]
+        w = w * lax.broadcast_in_dim(s.astype(jnp.bfloat16), w.shape, [0])
+        if interpret:  # the interpreter's wgmma takes its left operand from smem only
+          w_staging[...] = w
+          w = w_staging
+        x_t = (x_smem.at[group_k] if interpret else
+               plgpu.transpose_ref(x_smem.at[:, group_k], (1, 0)))           # [g, mp]
+        plgpu.wgmma(acc_ref, w, x_t)                                      # [bn, mp]
+        # Each group waits for its wgmma. Leaving one in flight (wgmma_wait(1), the x
+        # slot released a step later) gave non-finite outputs with split-K on an H200
+        # (run 13).
+        plgpu.wgmma_wait(0)
 
     def acc_scope(acc_ref):
       plgpu.emit_pipeline(
           functools.partial(step, acc_ref=acc_ref),
           grid=(steps,),
           in_specs=[
-              plgpu.BlockSpec((bs.block_n, g), lambda i: (0, part * steps + i),
+              plgpu.BlockSpec((bs.block_n, step_k), lambda i: (0, part * steps + i),
                               transforms=swizzled(g // 2, 4)),
-              plgpu.BlockSpec((g, mp), lambda i: (part * steps + i, 0)) if interpret else
-              plgpu.BlockSpec((mp, g), lambda i: (0, part * steps + i),
-                              transforms=_swizzle_transforms(2 * g, 16)),
-              plgpu.BlockSpec((1, bs.block_n), lambda i: (part * steps + i, 0)),
+              plgpu.BlockSpec((step_k, mp), lambda i: (part * steps + i, 0)) if interpret
+              else plgpu.BlockSpec((mp, step_k), lambda i: (0, part * steps + i),
+                                   transforms=_swizzle_transforms(2 * g, 16)),
+              plgpu.BlockSpec((per_step, bs.block_n), lambda i: (part * steps + i, 0)),
           ],
           max_concurrent_steps=bs.max_concurrent_steps,
       )(w_gmem.at[rows], x_gmem, s_gmem.at[:, rows])
