@@ -231,6 +231,7 @@ MOSAIC_W4A4_CHECKS = [  # m, n, k_main, n_out, block sizes
     (130, 256, 896, 64, MOSAIC_W4A4_CONFIGS[5]),
 ]
 
+
 def mosaic_scaled_label(bs):
   return (f"mosaic[bm{bs.block_m} bn{bs.block_n} bk{bs.block_k} "
           f"st{bs.max_concurrent_steps}{f' p{bs.programs}' if bs.programs else ''}]")

@@ -59,12 +59,13 @@ MOSAIC_W4A16_MAX_M = 16
 MOSAIC_W4A16_MIN_WEIGHTS = 1 << 25
 # Atom W4A4 through Mosaic GPU: 1.7-2.0x the Triton kernel at M = 1024 and 4096 (run 14),
 # so it goes first on a GPU; a case it does not serve falls through to Triton. The cost of
-# both Mosaic GPU kernels is compile time, ~0.9-1.4 s per call site on jax 0.11.2 (the
+# the Mosaic GPU kernels is compile time, ~0.9-1.4 s per call site on jax 0.11.2 (the
 # Triton ones are cached across identical call sites): +40 s for the 28 W4A4 linears of 4
-# Llama-3-8B layers, +3 min for all 32 (quantized_model.md).
+# Llama-3-8B layers, +3 min for all 32, and the same for W8A8 (quantized_model.md; measured
+# before the Mosaic entry points were jitted, which shares their lowering across sites).
 
 # W8A8 and FP8 through Mosaic GPU (TMA ring, two wgmma warpgroups, one program per SM) on
-# an H200 (quantized_matmul.md, runs 15-16): int8 2.0-2.3x XLA bf16 at M = 2048-4096 on
+# an H200 (quantized_matmul.md, runs 15-16): int8 1.9-2.35x XLA bf16 at M = 2048-4096 on
 # all four Llama-3-8B shapes (the Triton kernel: 1.55-1.77x) and 1.76-1.99x at M = 1024;
 # fp8 1.01-1.24x XLA's own fp8 dot at M = 2048-4096, 0.92-1.06x at 1024. Below that its
 # 256-token tiles waste work (M = 64: 0.5-0.9x bf16), so it goes first from these M on.
