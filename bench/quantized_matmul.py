@@ -704,7 +704,9 @@ def profile_decode(n=14336, k=4096, g=128, m=1, calls=3):
 
 def profile_mosaic(calls=2):
   """A few plain calls of the Mosaic GPU kernels at Llama-3-8B sizes (W4A4 at M = 4096 on
-  14336x4096 with a 128-channel tail, W4A16 at M = 1 on 14336x4096), for Nsight Compute:
+  14336x4096 with a 128-channel tail, W4A16 at M = 1 on 14336x4096, W8A8 at M = 4096 on
+  14336x4096; kernels `w4a4_mosaic_kernel`, `w4a16_mosaic_kernel`, `scaled_mosaic_kernel`),
+  for Nsight Compute:
   `ncu --clock-control none ... -m bench.quantized_matmul --only profile_mosaic`. The
   inputs come from numpy, so the first kernels ncu sees are the ops' own."""
   n, k, n_out, g, m = 14336, 4096, 128, 128, 4096
@@ -717,11 +719,11 @@ def profile_mosaic(calls=2):
                scales(n, 1))
   x = jnp.asarray(rng.standard_normal((1, k)).astype(jnp.bfloat16))
   w4a16_args = (x, codes(n, k // 2), scales(n, k // g))
-  w4a4 = jax.jit(functools.partial(mosaic_gpu.w4a4_matmul, group_size=g))
-  w4a16 = jax.jit(functools.partial(mosaic_gpu.weight_only_matmul, bits=4, group_size=g))
-  for _ in range(calls):
-    common.block(w4a4(*w4a4_args))
-    common.block(w4a16(*w4a16_args))
+  w8a8_args = (codes(m, k), scales(m, 1), codes(n, k), scales(n, 1))
+  for _ in range(calls):  # the entry points are jitted
+    common.block(mosaic_gpu.w4a4_matmul(*w4a4_args, group_size=g))
+    common.block(mosaic_gpu.weight_only_matmul(*w4a16_args, bits=4, group_size=g))
+    common.block(mosaic_gpu.scaled_matmul(*w8a8_args))
   print("profile calls done", flush=True)
 
 
