@@ -97,7 +97,6 @@ def test_integer_path_through_mosaic_w4a4_kernel_in_interpret_mode():
   assert rel_diff(got, simulate(x, q)) < BUDGET
 
 
-
 def test_integer_path_through_mosaic_int8_kernel_in_interpret_mode():
   """W8A8 through the Mosaic GPU int8 kernel (one 128-wide tile of N, K = 256, 3 padded
   tokens), with the float32 output a float32 model asks for."""
@@ -107,6 +106,7 @@ def test_integer_path_through_mosaic_int8_kernel_in_interpret_mode():
                           interpret=True)
   assert got.dtype == jnp.float32
   assert rel_diff(got, simulate(x, q)) < BUDGET
+
 
 def test_gpu_backend_tries_the_w4a4_kernels(monkeypatch):
   """On a GPU, W4A4 goes to the Mosaic GPU kernel, then Triton, never XLA's group loop."""

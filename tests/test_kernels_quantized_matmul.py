@@ -399,7 +399,6 @@ def test_mosaic_gpu_w4a4_refuses_and_lowers():
   assert rel_err(out, ref.w4a4_matmul(*args)) <= KERNEL_BUDGET[jnp.bfloat16]
 
 
-
 @pytest.mark.parametrize("m,n,k,bs", [
     (200, 128, 256, MosaicScaledBlockSizes(block_m=128, block_n=64, programs=None)),
     (300, 192, 256, MosaicScaledBlockSizes(block_m=128, block_n=64, programs=2)),
@@ -462,6 +461,7 @@ def test_mosaic_gpu_call_sites_share_one_lowered_kernel():
 
   text = jax.jit(two_layers).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+
 
 def test_mosaic_gpu_default_tiling_and_hopper_guard(monkeypatch):
   assert MosaicBlockSizes.get_default(14336, 4096).block_n == 128
