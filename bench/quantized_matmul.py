@@ -203,8 +203,9 @@ def decode_configs(m, n, k, g):
 
 def mosaic_label(bs):
   gps = f" gps{bs.groups_per_step}" if bs.groups_per_step > 1 else ""
+  unpack = " regunpack" if bs.register_unpack else ""
   return (f"mosaic[bn{bs.block_n} st{bs.max_concurrent_steps} sk{bs.split_k or 'auto'}"
-          f"{gps}]")
+          f"{gps}{unpack}]")
 
 
 def mosaic_w4a4_label(bs):
@@ -269,9 +270,15 @@ MOSAIC_ROTATIONS = 8
 MOSAIC_CONFIGS = (  # run 10's best tilings at M = 1 and 16 (14336x4096)
     mosaic_gpu.MosaicBlockSizes(block_n=128, max_concurrent_steps=4),
     mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=4),
-    # several groups per TMA step (not yet timed)
-    mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=4, groups_per_step=4),
+    # two groups per TMA step: ahead by 4-9% on 28672x8192 in runs 17-18, not elsewhere
     mosaic_gpu.MosaicBlockSizes(block_n=128, max_concurrent_steps=3, groups_per_step=2),
+    # the register unpack, scales on each group's partial
+    mosaic_gpu.MosaicBlockSizes(block_n=128, max_concurrent_steps=4, register_unpack=True),
+    mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=4, register_unpack=True),
+    mosaic_gpu.MosaicBlockSizes(block_n=128, max_concurrent_steps=3, groups_per_step=2,
+                                register_unpack=True),
+    mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=3, split_k=8,
+                                register_unpack=True),
 )
 
 
@@ -285,8 +292,15 @@ MOSAIC_CHECKS = [  # m, n, k, g, symmetric, block sizes
     (16, 14336, 4096, 128, True, mosaic_gpu.MosaicBlockSizes()),
     (1, 4096, 14336, 128, True, mosaic_gpu.MosaicBlockSizes()),
     (16, 28672, 8192, 128, True, mosaic_gpu.MosaicBlockSizes(block_n=64)),
-    (4, 14336, 4096, 128, True, MOSAIC_CONFIGS[2]),
-    (13, 512, 1024, 64, True, MOSAIC_CONFIGS[3]),
+    (4, 14336, 4096, 128, True, mosaic_gpu.MosaicBlockSizes(block_n=64, groups_per_step=4)),
+    (13, 512, 1024, 64, True, MOSAIC_CONFIGS[2]),
+    (1, 14336, 4096, 128, True, MOSAIC_CONFIGS[3]),
+    (16, 4096, 14336, 128, True, MOSAIC_CONFIGS[4]),
+    (4, 28672, 8192, 128, True, MOSAIC_CONFIGS[5]),
+    (16, 14336, 4096, 128, True, MOSAIC_CONFIGS[6]),
+    (13, 512, 1024, 64, True, mosaic_gpu.MosaicBlockSizes(split_k=4, register_unpack=True)),
+    (64, 384, 2048, 256, True, mosaic_gpu.MosaicBlockSizes(groups_per_step=2,
+                                                           register_unpack=True)),
 ]
 
 
@@ -502,17 +516,18 @@ class Bench:
         if res:
           self.record(case, label, "xla_bf16", res[0], base_ms, flops, nbytes,
                       block_sizes=bs.__dict__, spread=res[1])
-      bs = MOSAIC_CONFIGS[0]
-      prep = jax.jit(functools.partial(mosaic_gpu.kernel_operands, group_size=g,
-                                       interpret=self.interpret))
-      prepared = [common.block(prep(*st)) for st in sets[:MOSAIC_ROTATIONS]]
-      op = functools.partial(mosaic_gpu.partial_products, group_size=g, block_sizes=bs,
-                             interpret=self.interpret)
-      res = self.guarded(f"kernel only M={m} {n}x{k}", lambda: time_op(
-          op, prepared, iters=self.iters, r=MOSAIC_ROTATIONS))
-      if res:
-        self.record(case, "kernel_only " + mosaic_label(bs), "xla_bf16", res[0], base_ms,
-                    flops, nbytes, block_sizes=bs.__dict__, spread=res[1])
+      for bs in (MOSAIC_CONFIGS[0], MOSAIC_CONFIGS[3]):
+        prep = jax.jit(functools.partial(mosaic_gpu.kernel_operands, group_size=g,
+                                         register_unpack=bs.register_unpack,
+                                         interpret=self.interpret))
+        prepared = [common.block(prep(*st)) for st in sets[:MOSAIC_ROTATIONS]]
+        op = functools.partial(mosaic_gpu.partial_products, group_size=g, block_sizes=bs,
+                               interpret=self.interpret)
+        res = self.guarded(f"kernel only M={m} {n}x{k}", lambda: time_op(
+            op, prepared, iters=self.iters, r=MOSAIC_ROTATIONS))
+        if res:
+          self.record(case, "kernel_only " + mosaic_label(bs), "xla_bf16", res[0], base_ms,
+                      flops, nbytes, block_sizes=bs.__dict__, spread=res[1])
 
   def w4a16_configs(self, m, n, k, g):
     default = BlockSizes.get_default("weight_only", m, n, k, group_size=g, bits=4)
@@ -704,7 +719,8 @@ def profile_decode(n=14336, k=4096, g=128, m=1, calls=3):
 
 def profile_mosaic(calls=2):
   """A few plain calls of the Mosaic GPU kernels at Llama-3-8B sizes (W4A4 at M = 4096 on
-  14336x4096 with a 128-channel tail, W4A16 at M = 1 on 14336x4096, W8A8 at M = 4096 on
+  14336x4096 with a 128-channel tail, W4A16 at M = 1 on 14336x4096 (default and
+  register unpack), W8A8 at M = 4096 on
   14336x4096; kernels `w4a4_mosaic_kernel`, `w4a16_mosaic_kernel`, `scaled_mosaic_kernel`),
   for Nsight Compute:
   `ncu --clock-control none ... -m bench.quantized_matmul --only profile_mosaic`. The
@@ -723,6 +739,9 @@ def profile_mosaic(calls=2):
   for _ in range(calls):  # the entry points are jitted
     common.block(mosaic_gpu.w4a4_matmul(*w4a4_args, group_size=g))
     common.block(mosaic_gpu.weight_only_matmul(*w4a16_args, bits=4, group_size=g))
+    common.block(mosaic_gpu.weight_only_matmul(
+        *w4a16_args, bits=4, group_size=g,
+        block_sizes=mosaic_gpu.MosaicBlockSizes(register_unpack=True)))
     common.block(mosaic_gpu.scaled_matmul(*w8a8_args))
   print("profile calls done", flush=True)
 

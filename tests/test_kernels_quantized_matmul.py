@@ -291,6 +291,13 @@ MOSAIC_CASES = [  # m, n, k, g, block sizes
     (9, 128, 1024, 64, MosaicBlockSizes(block_n=64, split_k=2, groups_per_step=2,
                                         max_concurrent_steps=2)),
     (3, 192, 512, 128, None),  # the default tiling: 64 rows (N not a multiple of 128)
+    (1, 128, 512, 128, MosaicBlockSizes(register_unpack=True)),
+    (5, 256, 512, 64, MosaicBlockSizes(block_n=64, split_k=2, register_unpack=True)),
+    (16, 128, 1024, 256, MosaicBlockSizes(split_k=2, max_concurrent_steps=2,
+                                          register_unpack=True)),
+    (33, 192, 256, 128, MosaicBlockSizes(block_n=64, register_unpack=True)),
+    (9, 128, 1024, 64, MosaicBlockSizes(block_n=64, split_k=2, groups_per_step=2,
+                                        register_unpack=True)),
 ]
 
 
@@ -353,7 +360,23 @@ def test_mosaic_gpu_refuses_what_it_cannot_serve():
                                   block_sizes=MosaicBlockSizes(split_k=1, groups_per_step=3))
 
 
-@pytest.mark.parametrize("bs", [None, MosaicBlockSizes(block_n=64, groups_per_step=4)])
+def test_mosaic_gpu_register_unpack_order_keeps_the_product():
+  """The register unpack's column order, applied to the codes (as the kernel's registers
+  hold them) and to x (`permute_x_register_unpack`), is the same product."""
+  g = 64
+  x, codes, _, _ = random_weight_only(("regunpack",), 3, 16, 256, g, 4, True, jnp.float32)
+  w = ref.unpack_4bit(codes, g).astype(jnp.float32)                     # [N, K]
+  w4 = mosaic_gpu.int4_view(codes)
+  w_kernel = jnp.concatenate([mosaic_gpu._unpack_reference(w4[:, i:i + g])
+                              for i in range(0, 256, g)], axis=1).astype(jnp.float32)
+  hi = jax.lax.Precision.HIGHEST
+  np.testing.assert_allclose(
+      jnp.dot(mosaic_gpu.permute_x_register_unpack(x, g), w_kernel.T, precision=hi),
+      jnp.dot(x, w.T, precision=hi), rtol=1e-5, atol=2e-4)
+
+
+@pytest.mark.parametrize("bs", [None, MosaicBlockSizes(block_n=64, groups_per_step=4),
+                                MosaicBlockSizes(register_unpack=True)])
 def test_mosaic_gpu_lowers_for_cuda(bs):
   fn = functools.partial(mosaic_gpu.weight_only_matmul, bits=4, group_size=128,
                          block_sizes=bs)
@@ -464,9 +487,15 @@ def test_mosaic_gpu_call_sites_share_one_lowered_kernel():
 
 
 def test_mosaic_gpu_default_tiling_and_hopper_guard(monkeypatch):
-  assert MosaicBlockSizes.get_default(14336, 4096).block_n == 128
+  assert MosaicBlockSizes.get_default(14336, 4096) == MosaicBlockSizes(register_unpack=True)
   for n, k in ((28672, 8192), (4096, 14336), (192, 128)):
     assert MosaicBlockSizes.get_default(n, k).block_n == 64
+  assert MosaicBlockSizes.get_default(28672, 8192).split_k == 8
+  assert MosaicBlockSizes.get_default(20480, 6 * 128).split_k == 2   # 6 groups
+  assert MosaicW4A4BlockSizes.get_default(14336, 4096) == MosaicW4A4BlockSizes(
+      block_m=128, block_n=64, x_int8=True)
+  assert MosaicW4A4BlockSizes.get_default(14336, 1) == MosaicW4A4BlockSizes(x_int8=True)
+  assert MosaicW4A4BlockSizes.get_default(200, 4096).block_n == 40
   # On a GPU that is not sm_90 the kernels refuse (NotImplementedError: the next
   # implementation serves) before lowering anything.
   ampere = types.SimpleNamespace(compute_capability="8.0", device_kind="NVIDIA A100")

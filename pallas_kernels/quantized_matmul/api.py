@@ -51,18 +51,18 @@ MOSAIC_BLOCK_SIZES = {"weight_only_matmul": MosaicBlockSizes,
                       "w4a4_matmul": MosaicW4A4BlockSizes,
                       "int8_matmul": MosaicScaledBlockSizes, "fp8": MosaicScaledBlockSizes}
 
-# Symmetric W4A16 through Mosaic GPU on an H200 (quantized_matmul.md, run 14): 1.13-1.25x
-# the Triton kernel at M = 1-16 on 14336x4096, 4096x14336 and 28672x8192, slower on
-# 4096x4096 (run 11). So it goes first for up to MOSAIC_W4A16_MAX_M tokens on weights of
-# at least MOSAIC_W4A16_MIN_WEIGHTS codes; elsewhere it would need `implementation=`.
+# Symmetric W4A16 through Mosaic GPU on an H200 (quantized_matmul.md, runs 14 and 19): with
+# the register unpack 1.34-2.13x XLA bf16 and 1.1-1.5x the Triton kernel at M = 1-16 on
+# 14336x4096, 4096x14336 and 28672x8192, slower on 4096x4096 (runs 11, 18-19). So it goes
+# first for up to MOSAIC_W4A16_MAX_M tokens on weights of at least MOSAIC_W4A16_MIN_WEIGHTS
+# codes; elsewhere it would need `implementation=`.
 MOSAIC_W4A16_MAX_M = 16
 MOSAIC_W4A16_MIN_WEIGHTS = 1 << 25
-# Atom W4A4 through Mosaic GPU: 1.7-2.0x the Triton kernel at M = 1024 and 4096 (run 14),
+# Atom W4A4 through Mosaic GPU: 2.3-2.6x the Triton kernel at M = 1024 and 4096 (run 17),
 # so it goes first on a GPU; a case it does not serve falls through to Triton. The cost of
-# the Mosaic GPU kernels is compile time, ~0.9-1.4 s per call site on jax 0.11.2 (the
-# Triton ones are cached across identical call sites): +40 s for the 28 W4A4 linears of 4
-# Llama-3-8B layers, +3 min for all 32, and the same for W8A8 (quantized_model.md; measured
-# before the Mosaic entry points were jitted, which shares their lowering across sites).
+# the Mosaic GPU kernels is compile time: the first forward of 4 Llama-3-8B layers took
+# 6.9 s against Triton's 1.9 s (quantized_model.md, model_i; 42.5 s before the Mosaic
+# entry points were jitted, which shares their lowering across identical call sites).
 
 # W8A8 and FP8 through Mosaic GPU (TMA ring, two wgmma warpgroups, one program per SM) on
 # an H200 (quantized_matmul.md, runs 15-16): int8 1.9-2.35x XLA bf16 at M = 2048-4096 on

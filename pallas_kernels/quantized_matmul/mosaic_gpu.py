@@ -11,15 +11,17 @@ flight through TMA while the warpgroup unpacks and multiplies the current one.
 Per K step (one quantization group of g channels) a program:
   1. waits for its TMA copy of the codes [block_n, g] (int4), x [mp, g] (bf16) and the
      group's scales [1, block_n] (f32);
-  2. loads the codes into registers in the 4-bit upcast layout, moves them (still 4-bit)
-     to the wgmma operand layout and converts them to bf16 (Mosaic GPU's int4 -> bf16
-     path: bit tricks, no int->float instruction);
-  3. multiplies each row by its scale (bf16), so one float32 accumulator runs over all of
-     K with no per-group rescale of partial products;
-  4. issues wgmma(acc [block_n, mp], w [block_n, g], x^T [g, mp]) and waits for it (the
-     TMA ring keeps the next groups' loads in flight meanwhile).
+  2. loads the codes into registers in the 4-bit upcast layout and unpacks them straight
+     into the wgmma operand layout (`_unpack_to_wgmma_layout`: a shift, a LOP3 and a
+     bf16x2 subtract per two codes, no exchange between threads, x permuted to match);
+  3. issues wgmma(partial [block_n, mp], w [block_n, g], x^T [g, mp]) into a fresh
+     float32 accumulator and waits for it (the TMA ring keeps the next groups' loads in
+     flight meanwhile);
+  4. adds partial x the group's row scales to a float32 register sum.
 The output is computed transposed ([N, mp], tokens minor: wgmma's N is the token count,
-padded to a multiple of 8), with split-K partials summed by XLA.
+padded to a multiple of 8), with split-K partials summed by XLA. `register_unpack=False`
+is the first form: Mosaic GPU's int4 -> bf16 conversion after a register relayout, each
+weight scaled in bf16, one accumulator over all of K.
 
 Layout contract: the QTensor's symmetric 4-bit codes (int8 bytes, "group_halves": byte j
 of a group holds code j low and code j + g/2 high, two's-complement nibbles) are read as
@@ -28,21 +30,22 @@ of a group is code j + h * g/2; x is permuted the same way (a transpose of [g/2,
 each group), which leaves the product unchanged. Asymmetric codes and 8-bit codes are
 refused (NotImplementedError: an implementation order falls through to the next).
 
-Measured on an H200 (bench/results/quantized_matmul.md, runs 10-14): the kernel alone
-reads 14336x4096 codes at 44% of HBM (Triton: 29%); the whole op, with its three XLA glue
-ops (x permutation, scale transpose, split-K sum, 5-6 µs), is 1.13-1.25x the Triton kernel
-at M = 1-16 on 14336x4096, 4096x14336 and 28672x8192 and slower on 4096x4096, so the
-dispatcher puts it first on the large projections only (api.MOSAIC_W4A16_MIN_WEIGHTS).
+Measured on an H200 (bench/results/quantized_matmul.md, runs 10-19): the whole op reads
+28672x8192 codes at up to 53% of HBM, the kernel alone 14336x4096 at 40% (Triton: 28-37%);
+with its three XLA glue ops (x permutation, scale transpose, split-K sum, 3-6 µs) the op
+is 1.34-2.13x XLA bf16 at M = 1-16 on 14336x4096, 4096x14336 and 28672x8192 and
+slower than Triton on 4096x4096, so the dispatcher puts it first on the large projections
+only (api.MOSAIC_W4A16_MIN_WEIGHTS).
 
 Compile time: the entry points are jitted, so identical call sites in a model share one
-trace and one lowered function (28 W8A8 sites lowered for CUDA on a CPU: 10 s -> 0.4 s).
-Before this, a 4-layer W8A8 model spent ~0.2 s per site lowering and ~0.6 s in XLA on an
-H200 (quantized_model.md); whether XLA now compiles the shared kernel once is not yet
-measured.
+trace and one lowered function (28 W8A8 sites lowered for CUDA on a CPU: 10 s -> 0.4 s);
+on an H200 the first forward of a 4-layer W8A8 model went from 22.3 s to 7.4 s, of a
+4-layer W4A4 one from 42.5 s to 6.9 s (quantized_model.md).
 
-Rounding: each weight is dequantized to bf16 (code x scale rounded once) before the
-tensor-core product, as XLA's dequantize-then-dot does; the Triton kernel scales fp32
-group partials instead. Both are within the weight-only error budget of the tests.
+Rounding: W4A16 multiplies the exact bf16 codes and scales each group's float32 partial,
+as the Triton kernel does (relative error 1e-6 to 7e-5 against the reference on the
+device); `register_unpack=False` rounds code x scale to bf16 first, as XLA's
+dequantize-then-dot does (3e-3).
 """
 
 from __future__ import annotations
@@ -51,10 +54,14 @@ import dataclasses
 import functools
 
 import jax
+import jax.experimental.mosaic.gpu as mgpu
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith
 
 from pallas_kernels.quantized_matmul import reference
 from pallas_kernels.quantized_matmul.config import NUM_SMS
@@ -80,12 +87,20 @@ class MosaicBlockSizes:
     max_concurrent_steps: pipeline steps in flight per program (the TMA ring depth).
     groups_per_step: quantization groups per pipeline step: more bytes per TMA copy and
       fewer barrier waits per byte (a step of one g128 group at block_n = 64 moves only 4
-      KB of codes). Must divide each program's share of the groups. Not timed on a GPU yet.
+      KB of codes). Must divide each program's share of the groups. Timed on an H200 (run
+      17): no gain beyond noise at M = 1-4, up to 1.4x slower at M = 16.
+    register_unpack: unpack the codes straight into the wgmma register layout (a shift,
+      a LOP3 and a bf16x2 subtract per two codes, no exchange between threads; x takes
+      the kernel's column order instead) and apply the scales to each group's float32
+      [block_n, tokens] partial instead of to every weight, which also drops the bf16
+      rounding of code x scale (run 19: relative error 1e-6 to 7e-5 against the
+      reference, 3e-3 without). The default since run 19.
   """
   block_n: int = 128
   split_k: int | None = None
   max_concurrent_steps: int = 4
   groups_per_step: int = 1
+  register_unpack: bool = False
 
   def __post_init__(self):
     if self.block_n <= 0 or self.block_n % WGMMA_ROWS:
@@ -98,11 +113,19 @@ class MosaicBlockSizes:
       raise ValueError(f"groups_per_step={self.groups_per_step} must be >= 1")
 
   @classmethod
-  def get_default(cls, n: int, k: int) -> "MosaicBlockSizes":
-    """64-row tiles for the largest and the K > N projections, else 128 (N not a multiple
-    of 128 included): measured on an H200 at M = 1-16 (quantized_matmul.md, run 14), 64
-    leads by 0-9% on 28672x8192 and 4096x14336, 128 by 2-6% on 14336x4096."""
-    return cls(block_n=64 if n > 16384 or k > n or n % 128 else 128)
+  def get_default(cls, n: int, k: int, group_size: int = 128) -> "MosaicBlockSizes":
+    """The register unpack (run 19: 9-18% ahead of the layout-cast unpack on 14336x4096,
+    even within 6% on 4096x14336; exact up to float32 rounding); 64-row tiles for the
+    largest and the K > N projections, else 128 (N not a multiple of 128 included): 64
+    leads by 0-9% on 28672x8192 and 4096x14336, 128 by 2-6% on 14336x4096 (run 14). On
+    the largest (N > 16384), split-K 8 over 3 stages: 8-13% ahead of one program per
+    tile at M = 1-16 on 28672x8192, 10-17% ahead of the old default there (run 19)."""
+    block_n = 64 if n > 16384 or k > n or n % 128 else 128
+    if n > 16384:
+      split = next(s for s in (8, 4, 2, 1) if (k // group_size) % s == 0)
+      return cls(block_n=block_n, split_k=split, max_concurrent_steps=3,
+                 register_unpack=True)
+    return cls(block_n=block_n, register_unpack=True)
 
 
 def default_split_k(n_tiles: int, n_groups: int) -> int:
@@ -191,6 +214,65 @@ def permute_x(x: jax.Array, group_size: int) -> jax.Array:
   return halves.swapaxes(2, 3).reshape(m, k)
 
 
+# The register unpack (MosaicBlockSizes.register_unpack). A code c (int4, two's complement)
+# in the low 4 bits of bf16 0x4308 gives 0x4300 | (c ^ 8), read as 128 + (c + 8) = CODE_BIAS
+# + c: one LOP3 ((word & 0x000F000F) ^ 0x43084308) and one bf16x2 subtract per two codes.
+CODE_BIAS = 136
+
+
+def permute_x_register_unpack(x: jax.Array, group_size: int) -> jax.Array:
+  """x [M, K] in the register unpack's column order (see `_unpack_to_wgmma_layout`).
+
+  Within a group, column 32c + 16 t1 + 8 t0 + 2q + u holds channel
+  t0 g/2 + 16c + 4q + 2u + t1: the int4 view's nibble order composed with the unpack's.
+  """
+  m, k = x.shape
+  digits = x.reshape(m, k // group_size, 2, group_size // 32, 4, 2, 2)  # [M, G, t0, c, q, u, t1]
+  return digits.transpose(0, 1, 3, 6, 2, 4, 5).reshape(m, k)            # [M, G, c, t1, t0, q, u]
+
+
+def _unpack_reference(codes: jax.Array) -> jax.Array:
+  """What `_unpack_to_wgmma_layout` computes, in jnp (for the interpreter): int4 [rows, g]
+  -> bf16, column 32c + 8t + 2q + u taken from column 32c + 8q + 4u + t."""
+  rows, g = codes.shape
+  digits = codes.astype(jnp.bfloat16).reshape(rows, g // 32, 4, 2, 4)    # [.., c, q, u, t]
+  return digits.transpose(0, 1, 4, 2, 3).reshape(rows, g)
+
+
+def _unpack_to_wgmma_layout(codes: jax.Array) -> jax.Array:
+  """int4 [rows, g] in the WGMMA_UPCAST_4X layout -> bf16 in the WGMMA layout.
+
+  Thread q of a row quad holds, per 32 columns, one 32-bit word of columns 32c + 8q + 0..7
+  (nibble v = column 32c + 8q + v). Word >> 4t masked by 0x000F000F puts nibbles t and t + 4
+  in the two bf16 halves, and the WGMMA layout reads that pair as its register 4c + t:
+  columns 32c + 8t + 2q + {0, 1}. So no value moves between threads; the column order
+  changes, and `permute_x_register_unpack` gives x the same order.
+  """
+  shape = codes.shape
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
+                     return_type=plgpu.ShapeDtypeStruct(shape, jnp.bfloat16,
+                                                        plgpu.Layout.WGMMA))
+  def unpack(_, words):
+    i32 = ir.IntegerType.get_signless(32)
+    bf16 = ir.BF16Type.get()
+    pair = ir.VectorType.get((2,), bf16)
+    const = lambda v: arith.constant(i32, v)
+    bias = arith.constant(pair, ir.DenseElementsAttr.get_splat(
+        pair, ir.FloatAttr.get(bf16, float(CODE_BIAS))))
+    out = np.empty(mgpu.WGMMA_LAYOUT.registers_shape(shape), dtype=object)
+    for idx, reg in np.ndenumerate(words.registers):   # idx[1]: the 32-column chunk
+      word = mgpu.utils.bitcast(reg, i32)
+      for t in range(4):
+        nibbles = arith.andi(arith.shrui(word, const(4 * t)) if t else word,
+                             const(0x000F000F))
+        biased = mgpu.utils.bitcast(arith.xori(nibbles, const(0x43084308)), pair)
+        out[(idx[0], 4 * idx[1] + t, *idx[2:])] = arith.subf(biased, bias)
+    return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+
+  return unpack(codes)
+
+
 def check(x, codes, scales, zeros, *, bits: int, group_size: int,
           block_sizes: MosaicBlockSizes) -> None:
   """Raises NotImplementedError for the cases this kernel does not serve."""
@@ -217,13 +299,15 @@ def check(x, codes, scales, zeros, *, bits: int, group_size: int,
 
 
 def kernel_operands(x: jax.Array, codes: jax.Array, scales: jax.Array, *, group_size: int,
+                    register_unpack: bool = False,
                     interpret=False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The kernel's inputs from the QTensor arrays: x permuted and padded to mp tokens
   ([mp, K] bf16, or [K, mp] for the interpreter), the codes as int4 [N, K], the scales as
   [G, N] so that one group's scales are one contiguous row."""
   m = x.shape[0]
   mp = -(-m // TOKEN_MULTIPLE) * TOKEN_MULTIPLE
-  x_perm = jnp.pad(permute_x(x.astype(jnp.bfloat16), group_size), ((0, mp - m), (0, 0)))
+  permute = permute_x_register_unpack if register_unpack else permute_x
+  x_perm = jnp.pad(permute(x.astype(jnp.bfloat16), group_size), ((0, mp - m), (0, 0)))
   # wgmma wants x K-minor (a transposed smem view; its N = mp is too narrow to swizzle
   # the other way); the interpreter's wgmma reads no transposed views, so it gets x^T.
   x_operand = x_perm.T if interpret else x_perm
@@ -250,10 +334,20 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales_t: jax.Array, *
   in_layout = functools.partial(_in_layout, interpret)
 
   def w4a16_mosaic_kernel(w_gmem, x_gmem, s_gmem, o_gmem, *scratch):
+    w_staging = scratch[0] if interpret else None
     tile = lax.axis_index("n")
     part = lax.axis_index("k")
     rows = pl.ds(tile * bs.block_n, bs.block_n)
-    w_staging = scratch[0] if interpret else None
+
+    def weights_operand(w):
+      if interpret:  # the interpreter's wgmma takes its left operand from smem only
+        w_staging[...] = w
+        return w_staging
+      return w
+
+    def x_operand_of(x_smem, group_k):                                     # [g, mp]
+      return (x_smem.at[group_k] if interpret else
+              plgpu.transpose_ref(x_smem.at[:, group_k], (1, 0)))
 
     def step(_, w_smem, x_smem, s_smem, acc_ref):
       for j in range(per_step):  # the step's groups: codes [bn, step_k], x [mp, step_k]
@@ -262,34 +356,58 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales_t: jax.Array, *
         w = in_layout(w, plgpu.Layout.WGMMA).astype(jnp.bfloat16)        # bf16 [bn, g]
         s = in_layout(s_smem[j], plgpu.Layout.WGMMA.reduce(1))           # f32 [bn]
         w = w * lax.broadcast_in_dim(s.astype(jnp.bfloat16), w.shape, [0])
-        if interpret:  # the interpreter's wgmma takes its left operand from smem only
-          w_staging[...] = w
-          w = w_staging
-        x_t = (x_smem.at[group_k] if interpret else
-               plgpu.transpose_ref(x_smem.at[:, group_k], (1, 0)))           # [g, mp]
-        plgpu.wgmma(acc_ref, w, x_t)                                      # [bn, mp]
+        plgpu.wgmma(acc_ref, weights_operand(w), x_operand_of(x_smem, group_k))
         # Each group waits for its wgmma. Leaving one in flight (wgmma_wait(1), the x
         # slot released a step later) gave non-finite outputs with split-K on an H200
         # (run 13).
         plgpu.wgmma_wait(0)
 
-    def acc_scope(acc_ref):
-      plgpu.emit_pipeline(
-          functools.partial(step, acc_ref=acc_ref),
-          grid=(steps,),
-          in_specs=[
-              plgpu.BlockSpec((bs.block_n, step_k), lambda i: (0, part * steps + i),
-                              transforms=swizzled(g // 2, 4)),
-              plgpu.BlockSpec((step_k, mp), lambda i: (part * steps + i, 0)) if interpret
-              else plgpu.BlockSpec((mp, step_k), lambda i: (0, part * steps + i),
-                                   transforms=_swizzle_transforms(2 * g, 16)),
-              plgpu.BlockSpec((per_step, bs.block_n), lambda i: (part * steps + i, 0)),
-          ],
-          max_concurrent_steps=bs.max_concurrent_steps,
-      )(w_gmem.at[rows], x_gmem, s_gmem.at[:, rows])
-      return acc_ref[...]
+    def unpacked_step(_, w_smem, x_smem, s_smem, total):
+      for j in range(per_step):
+        group_k = pl.ds(j * g, g)
+        codes = w_smem.at[:, group_k][...]                               # int4 [bn, g]
+        w = (_unpack_reference(codes) if interpret else
+             _unpack_to_wgmma_layout(plgpu.layout_cast(codes, plgpu.Layout.WGMMA_UPCAST_4X)))
 
-    acc = pl.run_scoped(acc_scope, plgpu.ACC((bs.block_n, mp)))
+        def mma(acc_ref):
+          plgpu.wgmma(acc_ref, weights_operand(w), x_operand_of(x_smem, group_k))
+          return acc_ref[...]
+
+        partial = pl.run_scoped(mma, plgpu.ACC((bs.block_n, mp)))        # f32 [bn, mp]
+        row_scales = _row_vector(interpret, s_smem.at[pl.ds(j, 1)],
+                                 plgpu.Layout.WGMMA.reduce(1))           # [bn]
+        total = total + partial * lax.broadcast_in_dim(row_scales, partial.shape, [0])
+      return total
+
+    in_specs = [
+        plgpu.BlockSpec((bs.block_n, step_k), lambda i: (0, part * steps + i),
+                        transforms=swizzled(g // 2, 4)),
+        plgpu.BlockSpec((step_k, mp), lambda i: (part * steps + i, 0)) if interpret
+        else plgpu.BlockSpec((mp, step_k), lambda i: (0, part * steps + i),
+                             transforms=_swizzle_transforms(2 * g, 16)),
+        plgpu.BlockSpec((per_step, bs.block_n), lambda i: (part * steps + i, 0)),
+    ]
+    operand_refs = [w_gmem.at[rows], x_gmem, s_gmem.at[:, rows]]
+    if bs.register_unpack:
+      acc = plgpu.emit_pipeline(
+          unpacked_step,
+          grid=(steps,),
+          in_specs=in_specs,
+          max_concurrent_steps=bs.max_concurrent_steps,
+          init_carry=in_layout(jnp.zeros((bs.block_n, mp), jnp.float32),
+                               plgpu.Layout.WGMMA),
+      )(*operand_refs)
+    else:
+      def acc_scope(acc_ref):
+        plgpu.emit_pipeline(
+            functools.partial(step, acc_ref=acc_ref),
+            grid=(steps,),
+            in_specs=in_specs,
+            max_concurrent_steps=bs.max_concurrent_steps,
+        )(*operand_refs)
+        return acc_ref[...]
+
+      acc = pl.run_scoped(acc_scope, plgpu.ACC((bs.block_n, mp)))
 
     @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bs.block_n, mp), jnp.float32))
     def _store(o_smem):
@@ -320,9 +438,10 @@ def weight_only_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array,
   """
   interpret = _interpret_mode(interpret)
   require_hopper(interpret)
-  bs = block_sizes or MosaicBlockSizes.get_default(codes.shape[0], x.shape[1])
+  bs = block_sizes or MosaicBlockSizes.get_default(codes.shape[0], x.shape[1], group_size)
   check(x, codes, scales, zeros, bits=bits, group_size=group_size, block_sizes=bs)
-  operands = kernel_operands(x, codes, scales, group_size=group_size, interpret=interpret)
+  operands = kernel_operands(x, codes, scales, group_size=group_size,
+                             register_unpack=bs.register_unpack, interpret=interpret)
   partials = partial_products(*operands, group_size=group_size, block_sizes=bs,
                               interpret=interpret)                  # [split, N, mp] f32
   return partials.sum(axis=0)[:, :x.shape[0]].T.astype(x.dtype)
@@ -342,9 +461,8 @@ class MosaicW4A4BlockSizes:
     max_concurrent_steps: groups of codes in flight per program (the TMA ring depth).
     x_int8: XLA unpacks the activation codes to int8 before the kernel, so that TMA lands
       them where wgmma reads them and the kernel unpacks only the weights: per output
-      element one unpack instead of three at block_m = 128, block_n = 64. The M x K more
-      bytes are, by bytes / bandwidth, under 1% of the kernel's 1.16 ms at M = 4096 on
-      14336x4096 (an estimate). Not timed on a GPU yet.
+      element one unpack instead of three at block_m = 128, block_n = 64. Run 17: 1.15-1.35x
+      faster at M = 1024 and 4096; the default.
   """
   block_m: int = 64
   block_n: int = 128
@@ -361,11 +479,14 @@ class MosaicW4A4BlockSizes:
       raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 1")
 
   @classmethod
-  def get_default(cls, n: int) -> "MosaicW4A4BlockSizes":
-    """128 output channels per tile (run 14: 10% ahead of 64), or the widest multiple of
-    8 below it that divides N."""
-    return cls(block_n=next((bn for bn in range(128, 0, -TOKEN_MULTIPLE) if n % bn == 0),
-                            128))
+  def get_default(cls, n: int, m: int) -> "MosaicW4A4BlockSizes":
+    """x unpacked by XLA (run 17: 1.15-1.35x faster than the kernel unpacking both
+    operands, at M = 1024 and 4096); above 64 tokens 128 x 64 tiles (run 17: 1.16-1.27x
+    ahead of the best 64 x 128 one), else 64 x 128 (less padding of few tokens); the
+    widest multiple of 8 up to that block_n that divides N."""
+    block_m, widest = (128, 64) if m > 64 else (64, 128)
+    block_n = next((bn for bn in range(widest, 0, -TOKEN_MULTIPLE) if n % bn == 0), widest)
+    return cls(block_m=block_m, block_n=block_n, x_int8=True)
 
 
 # int8 wgmma takes K in steps of 32.
@@ -402,13 +523,14 @@ def w4a4_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
   registers (exact) into shared memory, takes the group's int32 product with one wgmma,
   and adds it to a float32 register sum rescaled by act_scale x w_scale, as Atom does. The
   int8 outlier tail follows as one more wgmma with its own scales. Both operands share the
-  QTensor's "group_halves" nibble order, so the int4 views need no permutation. On an H200
-  0.51-0.67x XLA bf16 at M = 1024-4096, 1.7-2.0x the Triton kernel (run 14): bound by the
-  CUDA-core work per group (unpack, rescale), not by the tensor cores.
+  QTensor's "group_halves" nibble order, so the int4 views need no permutation. With
+  `x_int8` (the default) XLA unpacks the activation codes and only the weights are unpacked
+  here. On an H200 0.63-0.86x XLA bf16 at M = 1024-4096, 2.3-2.6x the Triton kernel (run
+  17): bound by the CUDA-core work per group (unpack, rescale), not by the tensor cores.
   """
   interpret = _interpret_mode(interpret)
   require_hopper(interpret)
-  bs = block_sizes or MosaicW4A4BlockSizes.get_default(w_codes.shape[0])
+  bs = block_sizes or MosaicW4A4BlockSizes.get_default(w_codes.shape[0], x_codes.shape[0])
   check_w4a4(x_codes, x_scales, w_codes, w_scales, x_out, x_out_scales, w_out, w_out_scales,
              group_size=group_size, block_sizes=bs)
   g, bm, bn = group_size, bs.block_m, bs.block_n
