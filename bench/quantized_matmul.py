@@ -267,17 +267,20 @@ MOSAIC_SCALED_ROTATIONS = 4
 # 50 MB L2).
 MOSAIC_ROTATIONS = 8
 
-MOSAIC_CONFIGS = (  # run 10's best tilings at M = 1 and 16 (14336x4096)
+MOSAIC_CONFIGS = (  # the layout-cast unpack of runs 10-18, then the register unpack
     mosaic_gpu.MosaicBlockSizes(block_n=128, max_concurrent_steps=4),
-    mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=4),
-    # two groups per TMA step: ahead by 4-9% on 28672x8192 in runs 17-18, not elsewhere
-    mosaic_gpu.MosaicBlockSizes(block_n=128, max_concurrent_steps=3, groups_per_step=2),
-    # the register unpack, scales on each group's partial
     mosaic_gpu.MosaicBlockSizes(block_n=128, max_concurrent_steps=4, register_unpack=True),
-    mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=4, register_unpack=True),
+    mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=3, split_k=8,
+                                register_unpack=True),
+    # two groups per step, the second unpacked while the first one's wgmma runs
+    mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=3, groups_per_step=2,
+                                register_unpack=True),
     mosaic_gpu.MosaicBlockSizes(block_n=128, max_concurrent_steps=3, groups_per_step=2,
                                 register_unpack=True),
-    mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=3, split_k=8,
+    mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=2, groups_per_step=2,
+                                split_k=8, register_unpack=True),
+    # more, shorter programs (2 or 4 groups each)
+    mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=2, split_k=16,
                                 register_unpack=True),
 )
 
@@ -293,11 +296,13 @@ MOSAIC_CHECKS = [  # m, n, k, g, symmetric, block sizes
     (1, 4096, 14336, 128, True, mosaic_gpu.MosaicBlockSizes()),
     (16, 28672, 8192, 128, True, mosaic_gpu.MosaicBlockSizes(block_n=64)),
     (4, 14336, 4096, 128, True, mosaic_gpu.MosaicBlockSizes(block_n=64, groups_per_step=4)),
-    (13, 512, 1024, 64, True, MOSAIC_CONFIGS[2]),
-    (1, 14336, 4096, 128, True, MOSAIC_CONFIGS[3]),
-    (16, 4096, 14336, 128, True, MOSAIC_CONFIGS[4]),
-    (4, 28672, 8192, 128, True, MOSAIC_CONFIGS[5]),
-    (16, 14336, 4096, 128, True, MOSAIC_CONFIGS[6]),
+    (13, 512, 1024, 64, True, mosaic_gpu.MosaicBlockSizes(max_concurrent_steps=3,
+                                                          groups_per_step=2)),
+    (1, 14336, 4096, 128, True, MOSAIC_CONFIGS[1]),
+    (16, 4096, 14336, 128, True, MOSAIC_CONFIGS[3]),
+    (4, 28672, 8192, 128, True, MOSAIC_CONFIGS[4]),
+    (16, 14336, 4096, 128, True, MOSAIC_CONFIGS[5]),
+    (1, 28672, 8192, 128, True, MOSAIC_CONFIGS[6]),
     (13, 512, 1024, 64, True, mosaic_gpu.MosaicBlockSizes(split_k=4, register_unpack=True)),
     (64, 384, 2048, 256, True, mosaic_gpu.MosaicBlockSizes(groups_per_step=2,
                                                            register_unpack=True)),
@@ -516,7 +521,7 @@ class Bench:
         if res:
           self.record(case, label, "xla_bf16", res[0], base_ms, flops, nbytes,
                       block_sizes=bs.__dict__, spread=res[1])
-      for bs in (MOSAIC_CONFIGS[0], MOSAIC_CONFIGS[3]):
+      for bs in (MOSAIC_CONFIGS[1], MOSAIC_CONFIGS[3]):
         prep = jax.jit(functools.partial(mosaic_gpu.kernel_operands, group_size=g,
                                          register_unpack=bs.register_unpack,
                                          interpret=self.interpret))
@@ -720,7 +725,7 @@ def profile_decode(n=14336, k=4096, g=128, m=1, calls=3):
 def profile_mosaic(calls=2):
   """A few plain calls of the Mosaic GPU kernels at Llama-3-8B sizes (W4A4 at M = 4096 on
   14336x4096 with a 128-channel tail, W4A16 at M = 1 on 14336x4096 (default and
-  register unpack), W8A8 at M = 4096 on
+  the layout-cast unpack), W8A8 at M = 4096 on
   14336x4096; kernels `w4a4_mosaic_kernel`, `w4a16_mosaic_kernel`, `scaled_mosaic_kernel`),
   for Nsight Compute:
   `ncu --clock-control none ... -m bench.quantized_matmul --only profile_mosaic`. The
@@ -741,7 +746,7 @@ def profile_mosaic(calls=2):
     common.block(mosaic_gpu.weight_only_matmul(*w4a16_args, bits=4, group_size=g))
     common.block(mosaic_gpu.weight_only_matmul(
         *w4a16_args, bits=4, group_size=g,
-        block_sizes=mosaic_gpu.MosaicBlockSizes(register_unpack=True)))
+        block_sizes=mosaic_gpu.MosaicBlockSizes(register_unpack=False)))
     common.block(mosaic_gpu.scaled_matmul(*w8a8_args))
   print("profile calls done", flush=True)
 

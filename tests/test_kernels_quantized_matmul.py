@@ -376,7 +376,9 @@ def test_mosaic_gpu_register_unpack_order_keeps_the_product():
 
 
 @pytest.mark.parametrize("bs", [None, MosaicBlockSizes(block_n=64, groups_per_step=4),
-                                MosaicBlockSizes(register_unpack=True)])
+                                MosaicBlockSizes(register_unpack=False),
+                                MosaicBlockSizes(block_n=64, groups_per_step=2,
+                                                 register_unpack=True)])
 def test_mosaic_gpu_lowers_for_cuda(bs):
   fn = functools.partial(mosaic_gpu.weight_only_matmul, bits=4, group_size=128,
                          block_sizes=bs)
@@ -487,11 +489,12 @@ def test_mosaic_gpu_call_sites_share_one_lowered_kernel():
 
 
 def test_mosaic_gpu_default_tiling_and_hopper_guard(monkeypatch):
-  assert MosaicBlockSizes.get_default(14336, 4096) == MosaicBlockSizes(register_unpack=True)
-  for n, k in ((28672, 8192), (4096, 14336), (192, 128)):
-    assert MosaicBlockSizes.get_default(n, k).block_n == 64
-  assert MosaicBlockSizes.get_default(28672, 8192).split_k == 8
-  assert MosaicBlockSizes.get_default(20480, 6 * 128).split_k == 2   # 6 groups
+  assert MosaicBlockSizes.get_default(14336, 4096) == MosaicBlockSizes(
+      block_n=64, split_k=8, max_concurrent_steps=2, groups_per_step=2, register_unpack=True)
+  assert MosaicBlockSizes.get_default(4096, 14336).split_k == 8         # 112 groups
+  assert MosaicBlockSizes.get_default(20480, 6 * 128).split_k == 1      # 6 groups
+  odd = MosaicBlockSizes.get_default(4096, 5 * 128)                     # 5 groups
+  assert odd.groups_per_step == 1 and odd.split_k is None
   assert MosaicW4A4BlockSizes.get_default(14336, 4096) == MosaicW4A4BlockSizes(
       block_m=128, block_n=64, x_int8=True)
   assert MosaicW4A4BlockSizes.get_default(14336, 1) == MosaicW4A4BlockSizes(x_int8=True)

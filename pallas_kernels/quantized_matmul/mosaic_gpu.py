@@ -8,15 +8,16 @@ decode sizes (bench/results/quantized_matmul.md), because Triton waits for each 
 loads and MMAs. Mosaic GPU lets the kernel keep `max_concurrent_steps` groups of codes in
 flight through TMA while the warpgroup unpacks and multiplies the current one.
 
-Per K step (one quantization group of g channels) a program:
-  1. waits for its TMA copy of the codes [block_n, g] (int4), x [mp, g] (bf16) and the
-     group's scales [1, block_n] (f32);
+Per K step (`groups_per_step` quantization groups of g channels) a program:
+  1. waits for its TMA copy of the codes [block_n, step_k] (int4), x [mp, step_k] (bf16)
+     and the groups' scales [groups_per_step, block_n] (f32);
   2. loads the codes into registers in the 4-bit upcast layout and unpacks them straight
      into the wgmma operand layout (`_unpack_to_wgmma_layout`: a shift, a LOP3 and a
      bf16x2 subtract per two codes, no exchange between threads, x permuted to match);
   3. issues wgmma(partial [block_n, mp], w [block_n, g], x^T [g, mp]) into a fresh
-     float32 accumulator and waits for it (the TMA ring keeps the next groups' loads in
-     flight meanwhile);
+     float32 accumulator, for every group of the step (`groups_per_step`, 2 by default)
+     before it waits for any, so one group's unpack overlaps the other's MMA (the TMA
+     ring keeps the next steps' loads in flight meanwhile);
   4. adds partial x the group's row scales to a float32 register sum.
 The output is computed transposed ([N, mp], tokens minor: wgmma's N is the token count,
 padded to a multiple of 8), with split-K partials summed by XLA. `register_unpack=False`
@@ -30,10 +31,9 @@ of a group is code j + h * g/2; x is permuted the same way (a transpose of [g/2,
 each group), which leaves the product unchanged. Asymmetric codes and 8-bit codes are
 refused (NotImplementedError: an implementation order falls through to the next).
 
-Measured on an H200 (bench/results/quantized_matmul.md, runs 10-19): the whole op reads
-28672x8192 codes at up to 53% of HBM, the kernel alone 14336x4096 at 40% (Triton: 28-37%);
-with its three XLA glue ops (x permutation, scale transpose, split-K sum, 3-6 µs) the op
-is 1.34-2.13x XLA bf16 at M = 1-16 on 14336x4096, 4096x14336 and 28672x8192 and
+Measured on an H200 (bench/results/quantized_matmul.md, runs 10-21): the default tiling
+reads 28672x8192 codes at up to 58% of HBM (Triton: 28-37%); with its three XLA glue ops
+(x permutation, scale transpose, split-K sum, 3-6 µs) the op is 1.56-2.33x XLA bf16 at M = 1-16 on 14336x4096, 4096x14336 and 28672x8192 and
 slower than Triton on 4096x4096, so the dispatcher puts it first on the large projections
 only (api.MOSAIC_W4A16_MIN_WEIGHTS).
 
@@ -94,7 +94,8 @@ class MosaicBlockSizes:
       the kernel's column order instead) and apply the scales to each group's float32
       [block_n, tokens] partial instead of to every weight, which also drops the bf16
       rounding of code x scale (run 19: relative error 1e-6 to 7e-5 against the
-      reference, 3e-3 without). The default since run 19.
+      reference, 3e-3 without). The default since run 19; with groups_per_step > 1 every
+      group's wgmma of a step is issued before any partial is read.
   """
   block_n: int = 128
   split_k: int | None = None
@@ -114,18 +115,17 @@ class MosaicBlockSizes:
 
   @classmethod
   def get_default(cls, n: int, k: int, group_size: int = 128) -> "MosaicBlockSizes":
-    """The register unpack (run 19: 9-18% ahead of the layout-cast unpack on 14336x4096,
-    even within 6% on 4096x14336; exact up to float32 rounding); 64-row tiles for the
-    largest and the K > N projections, else 128 (N not a multiple of 128 included): 64
-    leads by 0-9% on 28672x8192 and 4096x14336, 128 by 2-6% on 14336x4096 (run 14). On
-    the largest (N > 16384), split-K 8 over 3 stages: 8-13% ahead of one program per
-    tile at M = 1-16 on 28672x8192, 10-17% ahead of the old default there (run 19)."""
-    block_n = 64 if n > 16384 or k > n or n % 128 else 128
-    if n > 16384:
-      split = next(s for s in (8, 4, 2, 1) if (k // group_size) % s == 0)
-      return cls(block_n=block_n, split_k=split, max_concurrent_steps=3,
-                 register_unpack=True)
-    return cls(block_n=block_n, register_unpack=True)
+    """The register unpack with 64-row tiles, two groups per step (the second unpacked
+    while the first one's wgmma runs), a 2-deep ring and split-K 8 (or the largest of 4,
+    2, 1 that leaves every program whole steps). On an H200 at M = 1-16 (run 21) the best
+    of seven tilings, or within 7%, on 14336x4096, 4096x14336 and 28672x8192: 1.56-2.33x
+    XLA bf16."""
+    n_groups = k // group_size
+    for split in (8, 4, 2, 1):
+      if n_groups % (2 * split) == 0:
+        return cls(block_n=64, split_k=split, max_concurrent_steps=2, groups_per_step=2,
+                   register_unpack=True)
+    return cls(block_n=64, max_concurrent_steps=3, register_unpack=True)
 
 
 def default_split_k(n_tiles: int, n_groups: int) -> int:
@@ -363,17 +363,19 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales_t: jax.Array, *
         plgpu.wgmma_wait(0)
 
     def unpacked_step(_, w_smem, x_smem, s_smem, total):
-      for j in range(per_step):
-        group_k = pl.ds(j * g, g)
-        codes = w_smem.at[:, group_k][...]                               # int4 [bn, g]
-        w = (_unpack_reference(codes) if interpret else
-             _unpack_to_wgmma_layout(plgpu.layout_cast(codes, plgpu.Layout.WGMMA_UPCAST_4X)))
-
-        def mma(acc_ref):
+      # Every group's wgmma of the step is issued before any partial is read, so the
+      # unpack of group j + 1 runs while group j's wgmma does.
+      def mma_all(*acc_refs):
+        for j, acc_ref in enumerate(acc_refs):
+          group_k = pl.ds(j * g, g)
+          codes = w_smem.at[:, group_k][...]                             # int4 [bn, g]
+          w = (_unpack_reference(codes) if interpret else _unpack_to_wgmma_layout(
+              plgpu.layout_cast(codes, plgpu.Layout.WGMMA_UPCAST_4X)))
           plgpu.wgmma(acc_ref, weights_operand(w), x_operand_of(x_smem, group_k))
-          return acc_ref[...]
+        return [acc_ref[...] for acc_ref in acc_refs]
 
-        partial = pl.run_scoped(mma, plgpu.ACC((bs.block_n, mp)))        # f32 [bn, mp]
+      partials = pl.run_scoped(mma_all, *[plgpu.ACC((bs.block_n, mp))] * per_step)
+      for j, partial in enumerate(partials):                             # f32 [bn, mp]
         row_scales = _row_vector(interpret, s_smem.at[pl.ds(j, 1)],
                                  plgpu.Layout.WGMMA.reduce(1))           # [bn]
         total = total + partial * lax.broadcast_in_dim(row_scales, partial.shape, [0])
