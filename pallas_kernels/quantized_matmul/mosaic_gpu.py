@@ -33,9 +33,10 @@ refused (NotImplementedError: an implementation order falls through to the next)
 
 Measured on an H200 (bench/results/quantized_matmul.md, runs 10-21): the default tiling
 reads 28672x8192 codes at up to 58% of HBM (Triton: 28-37%); with its three XLA glue ops
-(x permutation, scale transpose, split-K sum, 3-6 µs) the op is 1.56-2.33x XLA bf16 at M = 1-16 on 14336x4096, 4096x14336 and 28672x8192 and
-slower than Triton on 4096x4096, so the dispatcher puts it first on the large projections
-only (api.MOSAIC_W4A16_MIN_WEIGHTS).
+(x permutation, scale transpose, split-K sum, 3-6 µs) the op is 1.56-2.33x XLA bf16 at
+M = 1-16 on 14336x4096, 4096x14336 and 28672x8192 and slower than Triton on 4096x4096,
+so the dispatcher puts it first on the large projections only
+(api.MOSAIC_W4A16_MIN_WEIGHTS).
 
 Compile time: the entry points are jitted, so identical call sites in a model share one
 trace and one lowered function (28 W8A8 sites lowered for CUDA on a CPU: 10 s -> 0.4 s);
@@ -119,8 +120,8 @@ class MosaicBlockSizes:
     while the first one's wgmma runs), a 2-deep ring and split-K 8 (or the largest of 4,
     2 that leaves every program whole steps). On an H200 at M = 1-16 (run 21) the best of
     seven tilings, or within 7%, on 14336x4096, 4096x14336 and 28672x8192: 1.56-2.33x XLA
-    bf16. Group counts that split no further than 1 way into pairs (e.g. 86, Llama-2's
-    down projection) keep one group per step and `default_split_k`'s programs."""
+    bf16. A group count that no split of 2 or more leaves in pairs (e.g. 86, Llama-2's
+    down projection) keeps one group per step and `default_split_k`'s programs."""
     n_groups = k // group_size
     for split in (8, 4, 2):
       if n_groups % (2 * split) == 0:
@@ -479,8 +480,8 @@ class MosaicW4A4BlockSizes:
     max_concurrent_steps: groups of codes in flight per program (the TMA ring depth).
     x_int8: XLA unpacks the activation codes to int8 before the kernel, so that TMA lands
       them where wgmma reads them and the kernel unpacks only the weights: per output
-      element one unpack instead of three at block_m = 128, block_n = 64. Run 17: 1.15-1.35x
-      faster at M = 1024 and 4096; the default.
+      element one unpack instead of three at block_m = 128, block_n = 64. Run 17: 1.10-1.17x
+      faster at equal tiles (M = 1024 and 4096); the default.
     convert_by_bits: convert each group's int32 partial (|P| <= g x 64, and the tail's <=
       n_out x 128^2 <= 2^22) to float32 by its bits instead of I2F (`_small_int_to_f32`):
       with 128 x 64 tiles the I2Fs of one group take ~512 issue cycles of an SM at 16 per
@@ -503,10 +504,10 @@ class MosaicW4A4BlockSizes:
 
   @classmethod
   def get_default(cls, n: int, m: int) -> "MosaicW4A4BlockSizes":
-    """x unpacked by XLA (run 17: 1.15-1.35x faster than the kernel unpacking both
-    operands, at M = 1024 and 4096); above 64 tokens 128 x 64 tiles (run 17: 1.16-1.27x
-    ahead of the best 64 x 128 one), else 64 x 128 (less padding of few tokens); the
-    widest multiple of 8 up to that block_n that divides N."""
+    """x unpacked by XLA (run 17, M = 1024 and 4096: 1.10-1.17x faster at equal 64 x 128
+    tiles); above 64 tokens 128 x 64 tiles (run 17: 1.12-1.17x ahead of 64 x 128 with x
+    unpacked, 1.25-1.35x the old default), else 64 x 128 (less padding of few tokens);
+    the widest multiple of 8 up to that block_n that divides N."""
     block_m, widest = (128, 64) if m > 64 else (64, 128)
     block_n = next((bn for bn in range(widest, 0, -TOKEN_MULTIPLE) if n % bn == 0), widest)
     return cls(block_m=block_m, block_n=block_n, x_int8=True)
