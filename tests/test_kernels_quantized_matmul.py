@@ -290,7 +290,7 @@ MOSAIC_CASES = [  # m, n, k, g, block sizes
     (3, 128, 1024, 128, MosaicBlockSizes(groups_per_step=4)),
     (9, 128, 1024, 64, MosaicBlockSizes(block_n=64, split_k=2, groups_per_step=2,
                                         max_concurrent_steps=2)),
-    (3, 192, 512, 128, None),  # the default tiling: 64 rows (N not a multiple of 128)
+    (3, 192, 512, 128, None),  # the default: register unpack, 64 rows, 2 groups per step
     (1, 128, 512, 128, MosaicBlockSizes(register_unpack=True)),
     (5, 256, 512, 64, MosaicBlockSizes(block_n=64, split_k=2, register_unpack=True)),
     (16, 128, 1024, 256, MosaicBlockSizes(split_k=2, max_concurrent_steps=2,

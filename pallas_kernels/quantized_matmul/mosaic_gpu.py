@@ -88,8 +88,10 @@ class MosaicBlockSizes:
     max_concurrent_steps: pipeline steps in flight per program (the TMA ring depth).
     groups_per_step: quantization groups per pipeline step: more bytes per TMA copy and
       fewer barrier waits per byte (a step of one g128 group at block_n = 64 moves only 4
-      KB of codes). Must divide each program's share of the groups. Timed on an H200 (run
-      17): no gain beyond noise at M = 1-4, up to 1.4x slower at M = 16.
+      KB of codes). Must divide each program's share of the groups. With the layout-cast
+      unpack no gain on an H200 (run 17: noise at M = 1-4, up to 1.4x slower at M = 16
+      with 4); with the register unpack 2 is the default (run 21), its two wgmmas in flight
+      together.
     register_unpack: unpack the codes straight into the wgmma register layout (a shift,
       a LOP3 and a bf16x2 subtract per two codes, no exchange between threads; x takes
       the kernel's column order instead) and apply the scales to each group's float32
