@@ -26,6 +26,9 @@ Usage (GPU):  PYTHONUNBUFFERED=1 python3 -m bench.quantized_matmul --out $OUT
                                      alternatives of runs 5-6, one process;
   --sweep occupancy                  the decode sweep of run 4 (more programs per SM);
   --shapes 14336x4096,...            N x K in place of every section's shapes;
+  --mosaic-configs 1,5 --w4a4-configs 1,3    time only these Mosaic GPU tilings;
+  --only check,mosaic_device         the W4A16 decode candidates as GPU kernel time per
+                                     call from a profiler trace, with each op's kernels;
   --only profile, profile_mosaic     a few plain calls for Nsight Compute (run with
                                      XLA_PYTHON_CLIENT_PREALLOCATE=false under ncu).
 CPU smoke test on tiny shapes (interpret mode):  python3 -m bench.quantized_matmul --tiny
@@ -321,6 +324,17 @@ DECODE_CHECKS = [  # m, n, k, g, symmetric, block sizes
 ]
 
 
+def _picked(configs, indices):
+  """The configs at comma-separated `indices` ("1,5"), or all of them for None."""
+  return configs if indices is None else tuple(configs[int(i)] for i in indices.split(","))
+
+
+def _kernel_us(per_kernel_ms):
+  """{kernel name: ms per call} -> {name: µs per call, 2 decimals}, longest first."""
+  return {name: round(ms * 1e3, 2)
+          for name, ms in sorted(per_kernel_ms.items(), key=lambda item: -item[1])}
+
+
 class Bench:
 
   def __init__(self, args):
@@ -333,6 +347,8 @@ class Bench:
                                       card="cpu-interpret" if args.tiny else None)
     self.summary = []
     self.failures = []
+    self.mosaic_configs = _picked(MOSAIC_CONFIGS, args.mosaic_configs)
+    self.w4a4_configs = _picked(MOSAIC_W4A4_CONFIGS, args.w4a4_configs)
 
   # -- ceilings
   def ceilings(self):
@@ -506,14 +522,15 @@ class Bench:
 
   def mosaic(self, shapes, ms):
     """Mosaic GPU W4A16 (g128, symmetric) against XLA bf16 and the Triton default: the
-    whole op (operand prep, kernel, split-K sum) per tiling, and the first tiling's kernel
-    alone on prepared operands (what the XLA glue around it costs)."""
+    whole op (operand prep, kernel, split-K sum) per tiling, and the kernel alone on
+    prepared operands (what the XLA glue around it costs) at run 19's tiling and at the
+    default one."""
     g = 128
     for case, flops, nbytes, base_ms, sets in self._w4a16_cases(shapes, ms, g):
       m, n, k = case["m"], case["n"], case["k"]
       default = BlockSizes.get_default("weight_only", m, n, k, group_size=g, bits=4)
       candidates = [("pallas_gpu", gpu, default)]
-      candidates += [(mosaic_label(bs), mosaic_gpu, bs) for bs in MOSAIC_CONFIGS
+      candidates += [(mosaic_label(bs), mosaic_gpu, bs) for bs in self.mosaic_configs
                      if n % bs.block_n == 0]
       for label, kernel, bs in candidates:
         op = functools.partial(kernel.weight_only_matmul, bits=4, group_size=g,
@@ -523,7 +540,7 @@ class Bench:
         if res:
           self.record(case, label, "xla_bf16", res[0], base_ms, flops, nbytes,
                       block_sizes=bs.__dict__, spread=res[1])
-      for bs in (MOSAIC_CONFIGS[1], MOSAIC_CONFIGS[3]):
+      for bs in (MOSAIC_CONFIGS[1], mosaic_gpu.MosaicBlockSizes.get_default(n, k, g)):
         prep = jax.jit(functools.partial(mosaic_gpu.kernel_operands, group_size=g,
                                          register_unpack=bs.register_unpack,
                                          interpret=self.interpret))
@@ -535,6 +552,44 @@ class Bench:
         if res:
           self.record(case, "kernel_only " + mosaic_label(bs), "xla_bf16", res[0], base_ms,
                       flops, nbytes, block_sizes=bs.__dict__, spread=res[1])
+
+  def mosaic_device(self, shapes, ms, calls=64):
+    """The W4A16 candidates of `mosaic` (XLA bf16, the Triton default, the Mosaic GPU
+    tilings) timed as GPU kernel time per call from a profiler trace
+    (`common.device_kernel_times`): no host dispatch or launch gaps, and each row lists
+    its kernels (the XLA glue apart from the kernel)."""
+    g = 128
+    for (n, k) in shapes:
+      wsets = [rand_w4(n, k, g, i) for i in range(MOSAIC_ROTATIONS)]
+      wb = [jax.random.normal(_key("wb", n, k, i), (n, k), jnp.bfloat16)
+            for i in range(rotations(2 * n * k, cap=MOSAIC_ROTATIONS))]
+      for m in ms:
+        xs = [rand_x(m, k, i) for i in range(MOSAIC_ROTATIONS)]
+        case = {"op": "w4a16", "m": m, "n": n, "k": k, "group_size": g, "symmetric": True,
+                "timing": "profiler kernel time per call"}
+        flops, io = 2 * m * n * k, 2 * m * k + 2 * m * n
+        nbytes = n * k // 2 + n * (k // g) * 4 + io
+        base = self.guarded(f"bf16 device M={m} {n}x{k}", lambda: common.device_kernel_times(
+            xla_bf16, [(x, wb[i % len(wb)]) for i, x in enumerate(xs)], calls=calls))
+        if base is None:
+          continue
+        self.record({**case, "op": "bf16"}, "xla_bf16", "xla_bf16", base[0], base[0], flops,
+                    2 * n * k + io, kernels=_kernel_us(base[1]))
+        sets = [(x, *wsets[i][:2]) for i, x in enumerate(xs)]
+        candidates = [("pallas_gpu", gpu, BlockSizes.get_default("weight_only", m, n, k,
+                                                                 group_size=g, bits=4))]
+        candidates += [(mosaic_label(bs), mosaic_gpu, bs) for bs in self.mosaic_configs
+                       if n % bs.block_n == 0]
+        for label, kernel, bs in candidates:
+          op = functools.partial(kernel.weight_only_matmul, bits=4, group_size=g,
+                                 block_sizes=bs, interpret=self.interpret)
+          res = self.guarded(f"{label} device M={m} {n}x{k}",
+                             lambda: common.device_kernel_times(op, sets, calls=calls))
+          if res:
+            kernels = _kernel_us(res[1])
+            self.record(case, label, "xla_bf16", res[0], base[0], flops, nbytes,
+                        block_sizes=bs.__dict__, kernels=kernels)
+            print("    kernels (us/call):", kernels, flush=True)
 
   def w4a16_configs(self, m, n, k, g):
     default = BlockSizes.get_default("weight_only", m, n, k, group_size=g, bits=4)
@@ -699,7 +754,7 @@ class Bench:
           candidates += [(mosaic_w4a4_label(bs),
                           functools.partial(mosaic_gpu.w4a4_matmul, group_size=g,
                                             block_sizes=bs))
-                         for bs in MOSAIC_W4A4_CONFIGS if n % bs.block_n == 0]
+                         for bs in self.w4a4_configs if n % bs.block_n == 0]
         for label, op in candidates:
           res = self.guarded(f"w4a4 {label} M={m}", lambda: time_op(
               functools.partial(op, interpret=self.interpret), sets, iters=self.iters,
@@ -765,6 +820,10 @@ def main(argv=None):
   p.add_argument("--ms", default=None, help="comma-separated M values for W4A16 / W8A8")
   p.add_argument("--sweep", default="default", choices=["default", "occupancy"])
   p.add_argument("--no-extra-shapes", action="store_true")
+  p.add_argument("--mosaic-configs", default=None,
+                 help="comma-separated indices into MOSAIC_CONFIGS to time (default all)")
+  p.add_argument("--w4a4-configs", default=None,
+                 help="comma-separated indices into MOSAIC_W4A4_CONFIGS to time")
   p.add_argument("--shapes", default=None,
                  help="comma-separated NxK (e.g. 14336x4096) replacing every section's shapes")
   args = p.parse_args(argv)
@@ -794,10 +853,6 @@ def main(argv=None):
   only_shapes = ([tuple(int(d) for d in nk.split("x")) for nk in args.shapes.split(",")]
                  if args.shapes else None)
   shapes = only_shapes or shapes
-  if "mosaic_w4a4" in only:  # before "mosaic": the W4A4 kernel's first GPU timings
-    b.w4a4(shapes[:2], [1024, 4096] if not args.tiny else [33], n_out=64 if args.tiny else 128,
-           g=64 if args.tiny else 128, mosaic=True)
-    print(f"[mosaic_w4a4 done at {time.time() - t0:.0f}s]", flush=True)
   if "mosaic_scaled" in only:
     scaled_shapes = ([(256, 512)] if args.tiny else
                      only_shapes or [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)])
@@ -814,6 +869,15 @@ def main(argv=None):
       if not args.ms:
         b.mosaic(only_shapes or [(14336, 4096), (4096, 14336)], [64, 256])
     print(f"[mosaic done at {time.time() - t0:.0f}s]", flush=True)
+  if "mosaic_device" in only:
+    b.mosaic_device([(256, 512)] if args.tiny else
+                    only_shapes or [(14336, 4096), (28672, 8192), (4096, 14336)],
+                    [1, 20] if args.tiny else [int(v) for v in (args.ms or "1,4,16").split(",")])
+    print(f"[mosaic_device done at {time.time() - t0:.0f}s]", flush=True)
+  if "mosaic_w4a4" in only:
+    b.w4a4(shapes[:2], [1024, 4096] if not args.tiny else [33], n_out=64 if args.tiny else 128,
+           g=64 if args.tiny else 128, mosaic=True)
+    print(f"[mosaic_w4a4 done at {time.time() - t0:.0f}s]", flush=True)
   if "decode" in only:
     decode_shapes = ([(256, 512)] if args.tiny else
                      [(14336, 4096), (4096, 4096), (4096, 14336), (28672, 8192)])
