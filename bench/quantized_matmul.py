@@ -207,8 +207,9 @@ def decode_configs(m, n, k, g):
 def mosaic_label(bs):
   gps = f" gps{bs.groups_per_step}" if bs.groups_per_step > 1 else ""
   unpack = " regunpack" if bs.register_unpack else ""
+  direct = " directs" if bs.direct_scales else ""
   return (f"mosaic[bn{bs.block_n} st{bs.max_concurrent_steps} sk{bs.split_k or 'auto'}"
-          f"{gps}{unpack}]")
+          f"{gps}{unpack}{direct}]")
 
 
 def mosaic_w4a4_label(bs):
@@ -287,6 +288,9 @@ MOSAIC_CONFIGS = (  # the layout-cast unpack of runs 10-18, then the register un
     # more, shorter programs (2 or 4 groups each)
     mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=2, split_k=16,
                                 register_unpack=True),
+    # [5] with the scales loaded from [N, G] by each thread (no XLA transpose)
+    mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=2, groups_per_step=2,
+                                split_k=8, register_unpack=True, direct_scales=True),
 )
 
 
@@ -311,6 +315,9 @@ MOSAIC_CHECKS = [  # m, n, k, g, symmetric, block sizes
     (13, 512, 1024, 64, True, mosaic_gpu.MosaicBlockSizes(split_k=4, register_unpack=True)),
     (64, 384, 2048, 256, True, mosaic_gpu.MosaicBlockSizes(groups_per_step=2,
                                                            register_unpack=True)),
+    (1, 14336, 4096, 128, True, MOSAIC_CONFIGS[7]),
+    (16, 4096, 14336, 128, True, MOSAIC_CONFIGS[7]),
+    (13, 512, 1024, 64, True, mosaic_gpu.MosaicBlockSizes(split_k=4, direct_scales=True)),
 ]
 
 
@@ -322,6 +329,11 @@ DECODE_CHECKS = [  # m, n, k, g, symmetric, block sizes
     (5, 257, 512, 32, False, BlockSizes(16, 128, weights_lhs=True)),
     (16, 333, 1024, 64, False, BlockSizes(16, 64, code_word=16, weights_lhs=True)),
 ]
+
+
+# Relative error allowed against the reference: bf16 output rounding (2^-9) dominates; the
+# float32 math is tighter.
+CHECK_TOLERANCE = 5e-3
 
 
 def _picked(configs, indices):
@@ -395,7 +407,7 @@ class Bench:
     the Mosaic GPU kernels."""
     ip = self.interpret
     rows = []
-    tol = 5e-3  # bf16 output rounding (2^-9) dominates; the f32 math is tighter
+    tol = CHECK_TOLERANCE
 
     def add(name, out, ref):
       err = rel_err(out, ref)
@@ -542,8 +554,7 @@ class Bench:
                       block_sizes=bs.__dict__, spread=res[1])
       for bs in (MOSAIC_CONFIGS[1], mosaic_gpu.MosaicBlockSizes.get_default(n, k, g)):
         prep = jax.jit(functools.partial(mosaic_gpu.kernel_operands, group_size=g,
-                                         register_unpack=bs.register_unpack,
-                                         interpret=self.interpret))
+                                         block_sizes=bs, interpret=self.interpret))
         prepared = [common.block(prep(*st)) for st in sets[:MOSAIC_ROTATIONS]]
         op = functools.partial(mosaic_gpu.partial_products, group_size=g, block_sizes=bs,
                                interpret=self.interpret)
@@ -557,7 +568,8 @@ class Bench:
     """The W4A16 candidates of `mosaic` (XLA bf16, the Triton default, the Mosaic GPU
     tilings) timed as GPU kernel time per call from a profiler trace
     (`common.device_kernel_times`): no host dispatch or launch gaps, and each row lists
-    its kernels (the XLA glue apart from the kernel)."""
+    its kernels (the XLA glue apart from the kernel). Each candidate's output on the
+    first set is checked against the reference first."""
     g = 128
     for (n, k) in shapes:
       wsets = [rand_w4(n, k, g, i) for i in range(MOSAIC_ROTATIONS)]
@@ -576,6 +588,7 @@ class Bench:
         self.record({**case, "op": "bf16"}, "xla_bf16", "xla_bf16", base[0], base[0], flops,
                     2 * n * k + io, kernels=_kernel_us(base[1]))
         sets = [(x, *wsets[i][:2]) for i, x in enumerate(xs)]
+        want = reference.weight_only_matmul(*sets[0], bits=4, group_size=g)
         candidates = [("pallas_gpu", gpu, BlockSizes.get_default("weight_only", m, n, k,
                                                                  group_size=g, bits=4))]
         candidates += [(mosaic_label(bs), mosaic_gpu, bs) for bs in self.mosaic_configs
@@ -583,12 +596,16 @@ class Bench:
         for label, kernel, bs in candidates:
           op = functools.partial(kernel.weight_only_matmul, bits=4, group_size=g,
                                  block_sizes=bs, interpret=self.interpret)
+          err = self.guarded(f"{label} M={m} {n}x{k}", lambda: rel_err(op(*sets[0]), want))
+          if err is None or not err <= CHECK_TOLERANCE:
+            self.failures.append(f"{label} M={m} {n}x{k}: rel_err={err}")
+            continue
           res = self.guarded(f"{label} device M={m} {n}x{k}",
                              lambda: common.device_kernel_times(op, sets, calls=calls))
           if res:
             kernels = _kernel_us(res[1])
             self.record(case, label, "xla_bf16", res[0], base[0], flops, nbytes,
-                        block_sizes=bs.__dict__, kernels=kernels)
+                        block_sizes=bs.__dict__, kernels=kernels, rel_err=err)
             print("    kernels (us/call):", kernels, flush=True)
 
   def w4a16_configs(self, m, n, k, g):

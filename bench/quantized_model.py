@@ -25,7 +25,8 @@ Lines in <out>/quantized_model.jsonl (DESIGN.md format); a summary table on stdo
 the XLA reference, which XLA fuses into the ops before it (the RMSNorm, the residual add),
 instead of the Pallas kernel (one more launch per linear); "w4a4/triton",
 "w4a16/triton" and "w8a8/triton" run the Pallas-Triton matmul where the default runs the
-Mosaic GPU one.
+Mosaic GPU one; "w4a16/direct_scales" runs the Mosaic GPU W4A16 kernel with
+`direct_scales` (no XLA transpose of the scales).
 
   python -m bench.quantized_model [--tiny] [--formats w8a8,w4a4,w4a16]
                                   [--variants [NAME,...]] [--out DIR]
@@ -52,6 +53,7 @@ from lowbit import nn as lowbit_nn
 from lowbit.quantize import quantize_weight
 from pallas_kernels.activation_quant import api as act_quant_api
 from pallas_kernels.quantized_matmul import api as qmm_api
+from pallas_kernels.quantized_matmul import mosaic_gpu
 
 BENCH = "quantized_model"
 FORMATS = ("w8a8", "w4a4", "w4a16")
@@ -93,10 +95,20 @@ def xla_quantizer():
   return common.patched((act_quant_api, "backend_order", lambda: ("xla",)))
 
 
+class _DirectScalesBlockSizes(mosaic_gpu.MosaicBlockSizes):
+  """The default Mosaic GPU W4A16 tiling with `direct_scales` (for w4a16/direct_scales)."""
+
+  @classmethod
+  def get_default(cls, n, k, group_size=128):
+    return dataclasses.replace(super().get_default(n, k, group_size), direct_scales=True)
+
+
 VARIANTS = {"w8a8/xla_quantizer": ("w8a8", xla_quantizer),
             "w4a4/triton": ("w4a4", lambda: common.patched(
                 (lowbit_nn, "W4A4_KERNELS", {**lowbit_nn.W4A4_KERNELS, "gpu": ("pallas_gpu",)}))),
             "w4a16/triton": ("w4a16", lambda: common.patched((qmm_api, "MOSAIC_W4A16_MAX_M", 0))),
+            "w4a16/direct_scales": ("w4a16", lambda: common.patched(
+                (mosaic_gpu, "MosaicBlockSizes", _DirectScalesBlockSizes))),
             "w8a8/triton": ("w8a8", lambda: common.patched(
                 (qmm_api, "MOSAIC_INT8_MIN_M", float("inf"))))}
 

@@ -298,6 +298,10 @@ MOSAIC_CASES = [  # m, n, k, g, block sizes
     (33, 192, 256, 128, MosaicBlockSizes(block_n=64, register_unpack=True)),
     (9, 128, 1024, 64, MosaicBlockSizes(block_n=64, split_k=2, groups_per_step=2,
                                         register_unpack=True)),
+    # the scales read as [N, G] from global memory
+    (5, 256, 1024, 128, MosaicBlockSizes(block_n=64, split_k=2, groups_per_step=2,
+                                         register_unpack=True, direct_scales=True)),
+    (3, 128, 768, 64, MosaicBlockSizes(split_k=3, direct_scales=True)),
 ]
 
 
@@ -378,7 +382,10 @@ def test_mosaic_gpu_register_unpack_order_keeps_the_product():
 @pytest.mark.parametrize("bs", [None, MosaicBlockSizes(block_n=64, groups_per_step=4),
                                 MosaicBlockSizes(register_unpack=False),
                                 MosaicBlockSizes(block_n=64, groups_per_step=2,
-                                                 register_unpack=True)])
+                                                 register_unpack=True),
+                                MosaicBlockSizes(block_n=64, split_k=8, groups_per_step=2,
+                                                 register_unpack=True, direct_scales=True),
+                                MosaicBlockSizes(split_k=4, direct_scales=True)])
 def test_mosaic_gpu_lowers_for_cuda(bs):
   fn = functools.partial(mosaic_gpu.weight_only_matmul, bits=4, group_size=128,
                          block_sizes=bs)

@@ -99,12 +99,25 @@ class MosaicBlockSizes:
       rounding of code x scale (run 19: relative error 1e-6 to 7e-5 against the
       reference, 3e-3 without). The default since run 19; with groups_per_step > 1 every
       group's wgmma of a step is issued before any partial is read.
+    direct_scales: each thread loads its rows' scales straight from the [N, G] scales the
+      QTensor holds, all of its program's groups into registers before the pipeline starts
+      (strided global loads), instead of XLA transposing the scales to [G, N] at every
+      call (2 µs of GPU time on the 4096-wide Llama-3-8B projections, 4 µs on 28672x8192;
+      run 24) for the pipeline to copy row blocks of. On an H200 (run 28) the op takes
+      6-8% less GPU time in eight of nine cases (three large shapes, M = 1-16; 1% in the
+      ninth), though the kernel itself takes 0.6-2.0 µs more. Off by default: in a
+      compiled decode loop XLA likely hoists the transpose of the loop-invariant weights
+      out of the loop, leaving only the kernel's extra cost (with the scales loaded at
+      each step instead, a 32-layer decode step took 3.765 against 3.543 ms;
+      quantized_model.md, model_k). It pays where every call transposes: jitted
+      single-step decoding, one-off calls.
   """
   block_n: int = 128
   split_k: int | None = None
   max_concurrent_steps: int = 4
   groups_per_step: int = 1
   register_unpack: bool = False
+  direct_scales: bool = False
 
   def __post_init__(self):
     if self.block_n <= 0 or self.block_n % WGMMA_ROWS:
@@ -318,22 +331,23 @@ def check(x, codes, scales, zeros, *, bits: int, group_size: int,
 
 
 def kernel_operands(x: jax.Array, codes: jax.Array, scales: jax.Array, *, group_size: int,
-                    register_unpack: bool = False,
+                    block_sizes: MosaicBlockSizes,
                     interpret=False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The kernel's inputs from the QTensor arrays: x permuted and padded to mp tokens
-  ([mp, K] bf16, or [K, mp] for the interpreter), the codes as int4 [N, K], the scales as
-  [G, N] so that one group's scales are one contiguous row."""
+  ([mp, K] bf16, or [K, mp] for the interpreter), the codes as int4 [N, K], the scales
+  [N, G] as they are (`direct_scales`) or as [G, N], one group's scales one contiguous
+  row."""
   m = x.shape[0]
   mp = -(-m // TOKEN_MULTIPLE) * TOKEN_MULTIPLE
-  permute = permute_x_register_unpack if register_unpack else permute_x
+  permute = permute_x_register_unpack if block_sizes.register_unpack else permute_x
   x_perm = jnp.pad(permute(x.astype(jnp.bfloat16), group_size), ((0, mp - m), (0, 0)))
   # wgmma wants x K-minor (a transposed smem view; its N = mp is too narrow to swizzle
   # the other way); the interpreter's wgmma reads no transposed views, so it gets x^T.
   x_operand = x_perm.T if interpret else x_perm
-  return x_operand, int4_view(codes), scales.T
+  return x_operand, int4_view(codes), scales if block_sizes.direct_scales else scales.T
 
 
-def partial_products(x_operand: jax.Array, w4: jax.Array, scales_t: jax.Array, *,
+def partial_products(x_operand: jax.Array, w4: jax.Array, scales: jax.Array, *,
                      group_size: int, block_sizes: MosaicBlockSizes,
                      interpret=False) -> jax.Array:
   """The kernel: float32 partial products [split_k, N, mp] from `kernel_operands`."""
@@ -368,12 +382,35 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales_t: jax.Array, *
       return (x_smem.at[group_k] if interpret else
               plgpu.transpose_ref(x_smem.at[:, group_k], (1, 0)))
 
-    def step(_, w_smem, x_smem, s_smem, acc_ref):
+    def scale_column(group):                                              # f32 [bn]
+      column = s_gmem.at[rows, group]
+      return column[...] if interpret else plgpu.load(
+          column, (), layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+
+    # direct_scales: all of the program's scales are loaded into registers up front (2 per
+    # thread and group), so their latency overlaps the pipeline's first loads.
+    program_scales = ([scale_column(part * steps * per_step + c)
+                       for c in range(steps * per_step)] if bs.direct_scales else None)
+
+    def group_scales(indices, j, s_smem=None):                            # f32 [bn]
+      """Group j of the step's scales: row j of its [per_step, bn] smem block, or
+      (direct_scales) picked from the program's registers by the step index."""
+      if not bs.direct_scales:
+        return _row_vector(interpret, s_smem.at[pl.ds(j, 1)], plgpu.Layout.WGMMA.reduce(1))
+      if steps == 1:
+        return program_scales[j]
+      # Exactly one term is not zero (a select by a scalar index, in multiplies).
+      return sum(program_scales[step_index * per_step + j]
+                 * (indices[0] == step_index).astype(jnp.float32)
+                 for step_index in range(steps))
+
+    def step(indices, w_smem, x_smem, *s_smem, acc_ref):
       for j in range(per_step):  # the step's groups: codes [bn, step_k], x [mp, step_k]
         group_k = pl.ds(j * g, g)
         w = in_layout(w_smem.at[:, group_k][...], plgpu.Layout.WGMMA_UPCAST_4X)  # [bn, g]
         w = in_layout(w, plgpu.Layout.WGMMA).astype(jnp.bfloat16)        # bf16 [bn, g]
-        s = in_layout(s_smem[j], plgpu.Layout.WGMMA.reduce(1))           # f32 [bn]
+        s = (group_scales(indices, j) if bs.direct_scales else
+             in_layout(s_smem[0][j], plgpu.Layout.WGMMA.reduce(1)))       # f32 [bn]
         w = w * lax.broadcast_in_dim(s.astype(jnp.bfloat16), w.shape, [0])
         plgpu.wgmma(acc_ref, weights_operand(w), x_operand_of(x_smem, group_k))
         # Each group waits for its wgmma. Leaving one in flight (wgmma_wait(1), the x
@@ -381,9 +418,13 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales_t: jax.Array, *
         # (run 13).
         plgpu.wgmma_wait(0)
 
-    def unpacked_step(_, w_smem, x_smem, s_smem, total):
-      # Every group's wgmma of the step is issued before any partial is read, so the
-      # unpack of group j + 1 runs while group j's wgmma does.
+    def unpacked_step(indices, w_smem, x_smem, *rest):
+      *s_smem, total = rest
+      # Direct scale loads are issued first, to be in flight during the MMAs. Every
+      # group's wgmma of the step is issued before any partial is read, so the unpack of
+      # group j + 1 runs while group j's wgmma does.
+      step_scales = [group_scales(indices, j, *s_smem) for j in range(per_step)]
+
       def mma_all(*acc_refs):
         for j, acc_ref in enumerate(acc_refs):
           group_k = pl.ds(j * g, g)
@@ -394,9 +435,7 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales_t: jax.Array, *
         return [acc_ref[...] for acc_ref in acc_refs]
 
       partials = pl.run_scoped(mma_all, *[plgpu.ACC((bs.block_n, mp))] * per_step)
-      for j, partial in enumerate(partials):                             # f32 [bn, mp]
-        row_scales = _row_vector(interpret, s_smem.at[pl.ds(j, 1)],
-                                 plgpu.Layout.WGMMA.reduce(1))           # [bn]
+      for partial, row_scales in zip(partials, step_scales):   # f32 [bn, mp] x [bn]
         total = total + partial * lax.broadcast_in_dim(row_scales, partial.shape, [0])
       return total
 
@@ -406,9 +445,12 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales_t: jax.Array, *
         plgpu.BlockSpec((step_k, mp), lambda i: (part * steps + i, 0)) if interpret
         else plgpu.BlockSpec((mp, step_k), lambda i: (0, part * steps + i),
                              transforms=_swizzle_transforms(2 * g, 16)),
-        plgpu.BlockSpec((per_step, bs.block_n), lambda i: (part * steps + i, 0)),
     ]
-    operand_refs = [w_gmem.at[rows], x_gmem, s_gmem.at[:, rows]]
+    operand_refs = [w_gmem.at[rows], x_gmem]
+    if not bs.direct_scales:
+      in_specs.append(plgpu.BlockSpec((per_step, bs.block_n),
+                                      lambda i: (part * steps + i, 0)))
+      operand_refs.append(s_gmem.at[:, rows])
     if bs.register_unpack:
       acc = plgpu.emit_pipeline(
           unpacked_step,
@@ -444,7 +486,7 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales_t: jax.Array, *
       grid_names=("n", "k"),
       scratch_types=[plgpu.SMEM((bs.block_n, g), jnp.bfloat16)] if interpret else [],
       interpret=interpret,
-  )(w4, x_operand, scales_t)
+  )(w4, x_operand, scales)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "block_sizes", "interpret"))
@@ -461,8 +503,8 @@ def weight_only_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array,
   require_hopper(interpret)
   bs = block_sizes or MosaicBlockSizes.get_default(codes.shape[0], x.shape[1], group_size)
   check(x, codes, scales, zeros, bits=bits, group_size=group_size, block_sizes=bs)
-  operands = kernel_operands(x, codes, scales, group_size=group_size,
-                             register_unpack=bs.register_unpack, interpret=interpret)
+  operands = kernel_operands(x, codes, scales, group_size=group_size, block_sizes=bs,
+                             interpret=interpret)
   partials = partial_products(*operands, group_size=group_size, block_sizes=bs,
                               interpret=interpret)                  # [split, N, mp] f32
   return partials.sum(axis=0)[:, :x.shape[0]].T.astype(x.dtype)
