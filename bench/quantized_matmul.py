@@ -214,8 +214,7 @@ def mosaic_label(bs):
 
 def mosaic_w4a4_label(bs):
   x8 = " x8" if bs.x_int8 else ""
-  bits = " bits" if bs.convert_by_bits else ""
-  return f"mosaic[bm{bs.block_m} bn{bs.block_n} st{bs.max_concurrent_steps}{x8}{bits}]"
+  return f"mosaic[bm{bs.block_m} bn{bs.block_n} st{bs.max_concurrent_steps}{x8}]"
 
 
 _w4a4 = mosaic_gpu.MosaicW4A4BlockSizes
@@ -224,9 +223,6 @@ MOSAIC_W4A4_CONFIGS = (  # one warpgroup per tile: float32 + int32 accumulators
     # x unpacked by XLA: the kernel unpacks the weights only (run 17)
     _w4a4(block_m=128, block_n=64, max_concurrent_steps=2, x_int8=True),
     _w4a4(block_m=64, block_n=128, max_concurrent_steps=2, x_int8=True),
-    # int32 partials converted by their bits, no I2F (not yet timed)
-    _w4a4(block_m=128, block_n=64, max_concurrent_steps=2, x_int8=True, convert_by_bits=True),
-    _w4a4(block_m=64, block_n=128, max_concurrent_steps=2, x_int8=True, convert_by_bits=True),
 )
 
 MOSAIC_W4A4_CHECKS = [  # m, n, k_main, n_out, block sizes
@@ -234,8 +230,7 @@ MOSAIC_W4A4_CHECKS = [  # m, n, k_main, n_out, block sizes
     (200, 320, 512, 64, _w4a4(block_m=64, block_n=64, max_concurrent_steps=4)),
     (1000, 4096, 3968, 128, MOSAIC_W4A4_CONFIGS[1]),
     (130, 256, 896, 64, MOSAIC_W4A4_CONFIGS[2]),
-    (1000, 4096, 3968, 128, MOSAIC_W4A4_CONFIGS[3]),
-    (77, 512, 1792, 256, MOSAIC_W4A4_CONFIGS[4]),
+    (77, 512, 1792, 256, MOSAIC_W4A4_CONFIGS[1]),
 ]
 
 
@@ -798,8 +793,8 @@ def profile_decode(n=14336, k=4096, g=128, m=1, calls=3):
 
 def profile_mosaic(calls=2):
   """A few plain calls of the Mosaic GPU kernels at Llama-3-8B sizes, for Nsight Compute:
-  W4A4 at M = 4096 on 14336x4096 with a 128-channel tail (default, and converting by
-  bits), W4A16 at M = 1 on 14336x4096 (default, and the layout-cast unpack), W8A8 at M =
+  W4A4 at M = 4096 on 14336x4096 with a 128-channel tail (default), W4A16 at M = 1 on
+  14336x4096 (default, and the layout-cast unpack), W8A8 at M =
   4096 on 14336x4096; kernels `w4a4_mosaic_kernel`, `w4a16_mosaic_kernel`,
   `scaled_mosaic_kernel`:
   `ncu --clock-control none ... -m bench.quantized_matmul --only profile_mosaic`. The
@@ -817,8 +812,6 @@ def profile_mosaic(calls=2):
   w8a8_args = (codes(m, k), scales(m, 1), codes(n, k), scales(n, 1))
   for _ in range(calls):  # the entry points are jitted
     common.block(mosaic_gpu.w4a4_matmul(*w4a4_args, group_size=g))
-    common.block(mosaic_gpu.w4a4_matmul(*w4a4_args, group_size=g,
-                                        block_sizes=MOSAIC_W4A4_CONFIGS[3]))
     common.block(mosaic_gpu.weight_only_matmul(*w4a16_args, bits=4, group_size=g))
     common.block(mosaic_gpu.weight_only_matmul(
         *w4a16_args, bits=4, group_size=g,

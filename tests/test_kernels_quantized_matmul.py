@@ -402,9 +402,7 @@ def test_mosaic_gpu_lowers_for_cuda(bs):
     (70, 256, 256, 64, 64, MosaicW4A4BlockSizes(block_m=128, block_n=64, x_int8=True)),
     (5, 128, 512, 0, 128, MosaicW4A4BlockSizes(max_concurrent_steps=1, x_int8=True)),
     (130, 64, 512, 32, 256, MosaicW4A4BlockSizes(block_n=64, x_int8=True)),
-    (70, 256, 256, 64, 64, MosaicW4A4BlockSizes(block_m=128, block_n=64, x_int8=True,
-                                                convert_by_bits=True)),
-    (130, 64, 512, 256, 256, MosaicW4A4BlockSizes(block_n=64, convert_by_bits=True)),
+    (130, 64, 512, 256, 256, MosaicW4A4BlockSizes(block_n=64)),
 ])
 def test_mosaic_gpu_w4a4_interpret(m, n, k_main, n_out, g, bs):
   args = random_w4a4(("mw4a4", m, n, g), m, n, k_main, n_out, g)
@@ -412,14 +410,6 @@ def test_mosaic_gpu_w4a4_interpret(m, n, k_main, n_out, g, bs):
   out = mosaic_gpu.w4a4_matmul(*args, group_size=g, block_sizes=bs, interpret=True)
   assert out.shape == (m, n) and out.dtype == jnp.bfloat16
   assert rel_err(out, want) <= KERNEL_BUDGET[jnp.bfloat16]
-
-
-def test_small_int_to_f32_is_exact_to_2_pow_22():
-  limit = mosaic_gpu.SMALL_INT_LIMIT
-  v = jnp.array([-limit, -limit + 1, -8192, -1, 0, 1, 127 * 127, 8192, limit - 1, limit],
-                jnp.int32)
-  np.testing.assert_array_equal(jax.jit(mosaic_gpu._small_int_to_f32)(v),
-                                np.asarray(v).astype(np.float32))
 
 
 def test_mosaic_gpu_w4a4_refuses_and_lowers():
@@ -433,8 +423,7 @@ def test_mosaic_gpu_w4a4_refuses_and_lowers():
   shapes = (sds((1000, 1984), I8), sds((1000, 31), F32), sds((4096, 1984), I8),
             sds((4096, 31), F32), sds((1000, 128), I8), sds((1000, 1), F32),
             sds((4096, 128), I8), sds((4096, 1), F32))
-  for bs in (None, MosaicW4A4BlockSizes(block_m=128, block_n=64, x_int8=True,
-                                      convert_by_bits=True)):
+  for bs in (None, MosaicW4A4BlockSizes(block_m=64, block_n=128, x_int8=True)):
     fn = functools.partial(mosaic_gpu.w4a4_matmul, group_size=128, block_sizes=bs)
     text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text

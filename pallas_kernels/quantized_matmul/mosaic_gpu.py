@@ -204,26 +204,12 @@ def _row_vector(interpret, ref, layout):
   return row[...] if interpret else plgpu.load(row, (), layout=layout, optimized=False)
 
 
-# int32 v with |v| <= 2^22 -> float32 without I2F: the float whose bits are 0x4B400000 + v
-# is 2^23 + 2^22 + v exactly. An integer add and a float add replace a conversion that
-# Hopper issues at 16 per clock per SM (the CUDA programming guide's throughput table),
-# an eighth of the FMA rate.
-_SMALL_INT_BITS = 0x4B400000
-_SMALL_INT_OFFSET = float(2 ** 23 + 2 ** 22)
-SMALL_INT_LIMIT = 2 ** 22
-
-
-def _small_int_to_f32(v: jax.Array) -> jax.Array:
-  return lax.bitcast_convert_type(v + _SMALL_INT_BITS, jnp.float32) - _SMALL_INT_OFFSET
-
-
-def _rescaled(interpret, product, row_scales_smem, col_scales_smem, small_ints=False):
-  """float32 [rows, cols] = product x row scales [1, rows] x column scales [1, cols];
-  `small_ints`: an int32 product known to stay within +-2^22 is converted by bits."""
+def _rescaled(interpret, product, row_scales_smem, col_scales_smem):
+  """float32 [rows, cols] = product x row scales [1, rows] x column scales [1, cols]."""
   shape = product.shape
   rows = _row_vector(interpret, row_scales_smem, plgpu.Layout.WGMMA.reduce(1))
   cols = _row_vector(interpret, col_scales_smem, plgpu.Layout.WGMMA.reduce(0))
-  product = _small_int_to_f32(product) if small_ints else product.astype(jnp.float32)
+  product = product.astype(jnp.float32)
   return (product * lax.broadcast_in_dim(rows, shape, [0])
           * lax.broadcast_in_dim(cols, shape, [1]))
 
@@ -526,16 +512,11 @@ class MosaicW4A4BlockSizes:
       them where wgmma reads them and the kernel unpacks only the weights: per output
       element one unpack instead of three at block_m = 128, block_n = 64. Run 17: 1.10-1.17x
       faster at equal tiles (M = 1024 and 4096); the default.
-    convert_by_bits: convert each group's int32 partial (|P| <= g x 64, and the tail's <=
-      n_out x 128^2 <= 2^22) to float32 by its bits instead of I2F (`_small_int_to_f32`):
-      with 128 x 64 tiles the I2Fs of one group take ~512 issue cycles of an SM at 16 per
-      clock, about twice its int8 wgmma (~256). Exact; not timed on a GPU yet.
   """
   block_m: int = 64
   block_n: int = 128
   max_concurrent_steps: int = 2
   x_int8: bool = False
-  convert_by_bits: bool = False
 
   def __post_init__(self):
     if self.block_m <= 0 or self.block_m % WGMMA_ROWS:
@@ -648,7 +629,7 @@ def w4a4_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
       store_int8(w8_smem, w_smem[...], right_operand=True)         # [bn, g]
       plgpu.commit_smem()
       product = int8_product(x_smem if x8_smem is None else x8_smem, w8_smem)
-      return total + _rescaled(interpret, product, xs_smem, ws_smem, bs.convert_by_bits)
+      return total + _rescaled(interpret, product, xs_smem, ws_smem)
 
     total = plgpu.emit_pipeline(
         group,
@@ -678,7 +659,7 @@ def w4a4_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
         w8_smem_t[...] = wo_smem[...].T
         wo_smem = w8_smem_t
       total = total + _rescaled(interpret, int8_product(xo_smem, wo_smem), xos_smem,
-                                 wos_smem, bs.convert_by_bits)
+                                 wos_smem)
 
     @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), out_dtype))
     def _store(o_smem):
