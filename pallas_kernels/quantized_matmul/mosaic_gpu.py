@@ -31,12 +31,13 @@ of a group is code j + h * g/2; x is permuted the same way (a transpose of [g/2,
 each group), which leaves the product unchanged. Asymmetric codes and 8-bit codes are
 refused (NotImplementedError: an implementation order falls through to the next).
 
-Measured on an H200 (bench/results/quantized_matmul.md, runs 10-21): the default tiling
-reads 28672x8192 codes at up to 58% of HBM (Triton: 28-37%); with its three XLA glue ops
-(x permutation, scale transpose, split-K sum, 3-6 µs) the op is 1.56-2.33x XLA bf16 at
-M = 1-16 on 14336x4096, 4096x14336 and 28672x8192 and slower than Triton on 4096x4096,
-so the dispatcher puts it first on the large projections only
-(api.MOSAIC_W4A16_MIN_WEIGHTS).
+Measured on an H200 (bench/results/quantized_matmul.md, runs 10-28): the default tiling
+reads 28672x8192 codes at up to 58% of HBM in wall clock (Triton: 28-37%); in GPU time
+(run 24) the kernel alone reads at 45-62% of the datasheet bandwidth, and its three XLA
+glue kernels (x permutation, scale transpose, split-K sum; `direct_scales` drops the
+transpose) add 4.7-10.9 µs, so the op is 1.64-2.21x XLA bf16 at M = 1-16 on 14336x4096,
+4096x14336 and 28672x8192. It is slower than Triton on 4096x4096, so the dispatcher puts
+it first on the large projections only (api.MOSAIC_W4A16_MIN_WEIGHTS).
 
 Compile time: the entry points are jitted, so identical call sites in a model share one
 trace and one lowered function (28 W8A8 sites lowered for CUDA on a CPU: 10 s -> 0.4 s);
