@@ -407,9 +407,8 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales: jax.Array, *,
 
     def unpacked_step(indices, w_smem, x_smem, *rest):
       *s_smem, total = rest
-      # Direct scale loads are issued first, to be in flight during the MMAs. Every
-      # group's wgmma of the step is issued before any partial is read, so the unpack of
-      # group j + 1 runs while group j's wgmma does.
+      # Every group's wgmma of the step is issued before any partial is read, so the
+      # unpack of group j + 1 runs while group j's wgmma does.
       step_scales = [group_scales(indices, j, *s_smem) for j in range(per_step)]
 
       def mma_all(*acc_refs):
