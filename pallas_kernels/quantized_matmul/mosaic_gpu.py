@@ -210,8 +210,7 @@ def _rescaled(interpret, product, row_scales_smem, col_scales_smem):
   shape = product.shape
   rows = _row_vector(interpret, row_scales_smem, plgpu.Layout.WGMMA.reduce(1))
   cols = _row_vector(interpret, col_scales_smem, plgpu.Layout.WGMMA.reduce(0))
-  product = product.astype(jnp.float32)
-  return (product * lax.broadcast_in_dim(rows, shape, [0])
+  return (product.astype(jnp.float32) * lax.broadcast_in_dim(rows, shape, [0])
           * lax.broadcast_in_dim(cols, shape, [1]))
 
 
@@ -396,8 +395,7 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales: jax.Array, *,
         group_k = pl.ds(j * g, g)
         w = in_layout(w_smem.at[:, group_k][...], plgpu.Layout.WGMMA_UPCAST_4X)  # [bn, g]
         w = in_layout(w, plgpu.Layout.WGMMA).astype(jnp.bfloat16)        # bf16 [bn, g]
-        s = (group_scales(indices, j) if bs.direct_scales else
-             in_layout(s_smem[0][j], plgpu.Layout.WGMMA.reduce(1)))       # f32 [bn]
+        s = group_scales(indices, j, *s_smem)                            # f32 [bn]
         w = w * lax.broadcast_in_dim(s.astype(jnp.bfloat16), w.shape, [0])
         plgpu.wgmma(acc_ref, weights_operand(w), x_operand_of(x_smem, group_k))
         # Each group waits for its wgmma. Leaving one in flight (wgmma_wait(1), the x
