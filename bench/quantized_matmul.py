@@ -208,9 +208,8 @@ def mosaic_label(bs):
   gps = f" gps{bs.groups_per_step}" if bs.groups_per_step > 1 else ""
   unpack = " regunpack" if bs.register_unpack else ""
   direct = " directs" if bs.direct_scales else ""
-  one_acc = " 1acc" if bs.one_accumulator else ""
   return (f"mosaic[bn{bs.block_n} st{bs.max_concurrent_steps} sk{bs.split_k or 'auto'}"
-          f"{gps}{unpack}{direct}{one_acc}]")
+          f"{gps}{unpack}{direct}]")
 
 
 def mosaic_w4a4_label(bs):
@@ -287,18 +286,6 @@ MOSAIC_CONFIGS = (  # the layout-cast unpack of runs 10-18, then the register un
     # [5] with the scales loaded from [N, G] by each thread (no XLA transpose)
     mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=2, groups_per_step=2,
                                 split_k=8, register_unpack=True, direct_scales=True),
-    # [8]-[12]: one accumulator (scales applied to the bf16 weights, no wait per step)
-    mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=2, groups_per_step=2,
-                                split_k=8, register_unpack=True, one_accumulator=True),
-    mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=3, groups_per_step=2,
-                                split_k=8, register_unpack=True, one_accumulator=True),
-    mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=4, split_k=8,
-                                register_unpack=True, one_accumulator=True),
-    mosaic_gpu.MosaicBlockSizes(block_n=128, max_concurrent_steps=3, groups_per_step=2,
-                                register_unpack=True, one_accumulator=True),
-    mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=2, groups_per_step=2,
-                                split_k=8, register_unpack=True, one_accumulator=True,
-                                direct_scales=True),
 )
 
 
@@ -326,13 +313,6 @@ MOSAIC_CHECKS = [  # m, n, k, g, symmetric, block sizes
     (1, 14336, 4096, 128, True, MOSAIC_CONFIGS[7]),
     (16, 4096, 14336, 128, True, MOSAIC_CONFIGS[7]),
     (13, 512, 1024, 64, True, mosaic_gpu.MosaicBlockSizes(split_k=4, direct_scales=True)),
-    (1, 14336, 4096, 128, True, MOSAIC_CONFIGS[8]),
-    (16, 28672, 8192, 128, True, MOSAIC_CONFIGS[9]),
-    (4, 4096, 14336, 128, True, MOSAIC_CONFIGS[10]),
-    (16, 14336, 4096, 128, True, MOSAIC_CONFIGS[11]),
-    (7, 256, 4096, 128, True, MOSAIC_CONFIGS[12]),
-    (13, 512, 1024, 64, True, mosaic_gpu.MosaicBlockSizes(
-        split_k=8, max_concurrent_steps=2, register_unpack=True, one_accumulator=True)),
 ]
 
 

@@ -302,15 +302,6 @@ MOSAIC_CASES = [  # m, n, k, g, block sizes
     (5, 256, 1024, 128, MosaicBlockSizes(block_n=64, split_k=2, groups_per_step=2,
                                          register_unpack=True, direct_scales=True)),
     (3, 128, 768, 64, MosaicBlockSizes(split_k=3, direct_scales=True)),
-    # one accumulator: the scales applied to the bf16 weights, a step waits for the last
-    (5, 256, 1024, 128, MosaicBlockSizes(block_n=64, split_k=2, groups_per_step=2,
-                                         max_concurrent_steps=2, register_unpack=True,
-                                         one_accumulator=True)),
-    (3, 128, 512, 64, MosaicBlockSizes(split_k=8, max_concurrent_steps=2,  # one step
-                                       register_unpack=True, one_accumulator=True)),
-    (9, 128, 1024, 64, MosaicBlockSizes(block_n=64, split_k=2, groups_per_step=2,
-                                        max_concurrent_steps=3, register_unpack=True,
-                                        one_accumulator=True, direct_scales=True)),
 ]
 
 
@@ -368,10 +359,6 @@ def test_mosaic_gpu_refuses_what_it_cannot_serve():
     MosaicBlockSizes(block_n=96)
   with pytest.raises(ValueError, match="max_concurrent_steps=0"):
     MosaicBlockSizes(max_concurrent_steps=0)
-  with pytest.raises(ValueError, match="one_accumulator needs register_unpack"):
-    MosaicBlockSizes(one_accumulator=True)
-  with pytest.raises(ValueError, match="max_concurrent_steps >= 2, got 1"):
-    MosaicBlockSizes(register_unpack=True, one_accumulator=True, max_concurrent_steps=1)
   with pytest.raises(ValueError, match="groups_per_step=3"):  # 2 groups of K = 256
     mosaic_gpu.weight_only_matmul(x[:4], codes, scales, bits=4, group_size=128,
                                   block_sizes=MosaicBlockSizes(split_k=1, groups_per_step=3))
@@ -398,10 +385,7 @@ def test_mosaic_gpu_register_unpack_order_keeps_the_product():
                                                  register_unpack=True),
                                 MosaicBlockSizes(block_n=64, split_k=8, groups_per_step=2,
                                                  register_unpack=True, direct_scales=True),
-                                MosaicBlockSizes(split_k=4, direct_scales=True),
-                                MosaicBlockSizes(block_n=64, split_k=8, groups_per_step=2,
-                                                 max_concurrent_steps=2, register_unpack=True,
-                                                 one_accumulator=True)])
+                                MosaicBlockSizes(split_k=4, direct_scales=True)])
 def test_mosaic_gpu_lowers_for_cuda(bs):
   fn = functools.partial(mosaic_gpu.weight_only_matmul, bits=4, group_size=128,
                          block_sizes=bs)

@@ -112,13 +112,6 @@ class MosaicBlockSizes:
       each step instead, a 32-layer decode step took 3.765 against 3.543 ms;
       quantized_model.md, model_k). It pays where every call transposes: jitted
       single-step decoding, one-off calls.
-    one_accumulator: with the register unpack, multiply each group's unpacked codes by
-      its scales in bf16 (code x scale rounded to bf16, as XLA's dequantize-then-dot and
-      the layout-cast unpack do: ~3e-3 relative error instead of 1e-6 to 7e-5), so that
-      every wgmma of a program adds into one accumulator: a step then waits only for the
-      previous step's wgmmas (their x slot released one step late) instead of for its
-      own before reading their partials, and the next step's unpack overlaps them. Needs
-      max_concurrent_steps >= 2.
   """
   block_n: int = 128
   split_k: int | None = None
@@ -126,7 +119,6 @@ class MosaicBlockSizes:
   groups_per_step: int = 1
   register_unpack: bool = False
   direct_scales: bool = False
-  one_accumulator: bool = False
 
   def __post_init__(self):
     if self.block_n <= 0 or self.block_n % WGMMA_ROWS:
@@ -137,11 +129,6 @@ class MosaicBlockSizes:
       raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 1")
     if self.groups_per_step < 1:
       raise ValueError(f"groups_per_step={self.groups_per_step} must be >= 1")
-    if self.one_accumulator and not self.register_unpack:
-      raise ValueError("one_accumulator needs register_unpack=True")
-    if self.one_accumulator and self.max_concurrent_steps < 2:
-      raise ValueError(f"one_accumulator needs max_concurrent_steps >= 2, got "
-                       f"{self.max_concurrent_steps}")
 
   @classmethod
   def get_default(cls, n: int, k: int, group_size: int = 128) -> "MosaicBlockSizes":
@@ -403,29 +390,18 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales: jax.Array, *,
                  * (indices[0] == step_index).astype(jnp.float32)
                  for step_index in range(steps))
 
-    def one_accumulator_step(indices, w_smem, x_smem, *s_smem, acc_ref):
-      """Each group's codes unpacked to bf16 and multiplied by its bf16 scales, then
-      added by wgmma into the program's one accumulator."""
+    def step(indices, w_smem, x_smem, *s_smem, acc_ref):
       for j in range(per_step):  # the step's groups: codes [bn, step_k], x [mp, step_k]
         group_k = pl.ds(j * g, g)
-        codes = w_smem.at[:, group_k][...]                               # int4 [bn, g]
-        if bs.register_unpack:
-          w = (_unpack_reference(codes) if interpret else _unpack_to_wgmma_layout(
-              plgpu.layout_cast(codes, plgpu.Layout.WGMMA_UPCAST_4X)))
-        else:
-          w = in_layout(in_layout(codes, plgpu.Layout.WGMMA_UPCAST_4X),
-                        plgpu.Layout.WGMMA).astype(jnp.bfloat16)
+        w = in_layout(w_smem.at[:, group_k][...], plgpu.Layout.WGMMA_UPCAST_4X)  # [bn, g]
+        w = in_layout(w, plgpu.Layout.WGMMA).astype(jnp.bfloat16)        # bf16 [bn, g]
         s = group_scales(indices, j, *s_smem)                            # f32 [bn]
-        w = w * lax.broadcast_in_dim(s.astype(jnp.bfloat16), w.shape, [0])  # bf16 [bn, g]
+        w = w * lax.broadcast_in_dim(s.astype(jnp.bfloat16), w.shape, [0])
         plgpu.wgmma(acc_ref, weights_operand(w), x_operand_of(x_smem, group_k))
-        if not bs.one_accumulator:
-          # Each group waits for its wgmma. Leaving one in flight without delaying the
-          # x slot's release gave non-finite outputs with split-K on an H200 (run 13).
-          plgpu.wgmma_wait(0)
-      if bs.one_accumulator:
-        # Only the previous step's wgmmas must be done: their x slot is released now
-        # (the x BlockSpec's delay_release), while this step's run on.
-        plgpu.wgmma_wait(per_step)
+        # Each group waits for its wgmma. Leaving one in flight (wgmma_wait(1), the x
+        # slot released a step later) gave non-finite outputs with split-K on an H200
+        # (run 13).
+        plgpu.wgmma_wait(0)
 
     def unpacked_step(indices, w_smem, x_smem, *rest):
       *s_smem, total = rest
@@ -452,15 +428,14 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales: jax.Array, *,
                         transforms=swizzled(g // 2, 4)),
         plgpu.BlockSpec((step_k, mp), lambda i: (part * steps + i, 0)) if interpret
         else plgpu.BlockSpec((mp, step_k), lambda i: (0, part * steps + i),
-                             transforms=_swizzle_transforms(2 * g, 16),
-                             delay_release=int(bs.one_accumulator and steps > 1)),
+                             transforms=_swizzle_transforms(2 * g, 16)),
     ]
     operand_refs = [w_gmem.at[rows], x_gmem]
     if not bs.direct_scales:
       in_specs.append(plgpu.BlockSpec((per_step, bs.block_n),
                                       lambda i: (part * steps + i, 0)))
       operand_refs.append(s_gmem.at[:, rows])
-    if bs.register_unpack and not bs.one_accumulator:
+    if bs.register_unpack:
       acc = plgpu.emit_pipeline(
           unpacked_step,
           grid=(steps,),
@@ -472,12 +447,11 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales: jax.Array, *,
     else:
       def acc_scope(acc_ref):
         plgpu.emit_pipeline(
-            functools.partial(one_accumulator_step, acc_ref=acc_ref),
+            functools.partial(step, acc_ref=acc_ref),
             grid=(steps,),
             in_specs=in_specs,
             max_concurrent_steps=bs.max_concurrent_steps,
         )(*operand_refs)
-        plgpu.wgmma_wait(0)
         return acc_ref[...]
 
       acc = pl.run_scoped(acc_scope, plgpu.ACC((bs.block_n, mp)))
