@@ -31,12 +31,12 @@ of a group is code j + h * g/2; x is permuted the same way (a transpose of [g/2,
 each group), which leaves the product unchanged. Asymmetric codes and 8-bit codes are
 refused (NotImplementedError: an implementation order falls through to the next).
 
-Measured on an H200 (bench/results/quantized_matmul.md, runs 10-28): the default tiling
-reads 28672x8192 codes at up to 58% of HBM in wall clock (Triton: 28-37%); in GPU time
-(run 24) the kernel alone reads at 45-62% of the datasheet bandwidth, and its three XLA
-glue kernels (x permutation, scale transpose, split-K sum; `direct_scales` drops the
-transpose) add 4.7-10.9 µs, so the op is 1.64-2.21x XLA bf16 at M = 1-16 on 14336x4096,
-4096x14336 and 28672x8192. It is slower than Triton on 4096x4096, so the dispatcher puts
+Measured on an H200 (bench/results/quantized_matmul.md, runs 10-33): in GPU time (run 33)
+the kernel alone reads at 51-68% of the datasheet bandwidth (its TMA ring alone, with no
+compute, reads at 71-83%: run 29, so the program's instructions and waits bound it), and
+its three XLA glue kernels (x permutation, scale transpose, split-K sum; `direct_scales`
+drops the transpose) add 4.6-11.2 µs, so the op is 1.76-2.39x XLA bf16 at M = 1-16 on
+14336x4096, 4096x14336 and 28672x8192 (Triton: 1.2-1.4x). It is slower than Triton on 4096x4096, so the dispatcher puts
 it first on the large projections only (api.MOSAIC_W4A16_MIN_WEIGHTS).
 
 Compile time: the entry points are jitted, so identical call sites in a model share one
@@ -108,10 +108,9 @@ class MosaicBlockSizes:
       6-8% less GPU time in eight of nine cases (three large shapes, M = 1-16; 1% in the
       ninth), though the kernel itself takes 0.6-2.0 µs more. Off by default: in a
       compiled decode loop XLA likely hoists the transpose of the loop-invariant weights
-      out of the loop, leaving only the kernel's extra cost (with the scales loaded at
-      each step instead, a 32-layer decode step took 3.765 against 3.543 ms;
-      quantized_model.md, model_k). It pays where every call transposes: jitted
-      single-step decoding, one-off calls.
+      out of the loop, leaving only the kernel's extra cost: a 32-layer decode step took
+      3.627 against 3.540 ms (quantized_model.md, model_l). It pays where every call
+      transposes: jitted single-step decoding, one-off calls.
   """
   block_n: int = 128
   split_k: int | None = None
