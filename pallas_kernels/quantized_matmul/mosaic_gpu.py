@@ -36,8 +36,9 @@ the kernel alone reads at 51-68% of the datasheet bandwidth (its TMA ring alone,
 compute, reads at 71-83%: run 29, so the program's instructions and waits bound it), and
 its three XLA glue kernels (x permutation, scale transpose, split-K sum; `direct_scales`
 drops the transpose) add 4.6-11.2 µs, so the op is 1.76-2.39x XLA bf16 at M = 1-16 on
-14336x4096, 4096x14336 and 28672x8192 (Triton: 1.2-1.4x). It is slower than Triton on 4096x4096, so the dispatcher puts
-it first on the large projections only (api.MOSAIC_W4A16_MIN_WEIGHTS).
+14336x4096, 4096x14336 and 28672x8192 (Triton: 1.2-1.4x). It is slower than Triton on
+4096x4096, so the dispatcher puts it first on the large projections only
+(api.MOSAIC_W4A16_MIN_WEIGHTS).
 
 Compile time: the entry points are jitted, so identical call sites in a model share one
 trace and one lowered function (28 W8A8 sites lowered for CUDA on a CPU: 10 s -> 0.4 s);
@@ -243,8 +244,8 @@ def _biased_pair(word: ir.Value) -> ir.Value:
   Written as an AND and an XOR, it became two LOP3s in the SASS (Nsight on an H200, run
   31: 1.05 LOP3 per code of the kernel's 3.46 instructions per code), since a LOP3 takes
   one immediate and ptxas did not merge the two constants. As one, the kernel takes 9-14%
-  less GPU time, the whole op 7-10% (run 32, the default tiling, three large shapes). lop3's table 0x6a is (a & b) ^ c for a = 0xf0, b = 0xcc,
-  c = 0xaa.
+  less GPU time, the whole op 7-10% (run 32, the default tiling, three large shapes).
+  lop3's table 0x6a is (a & b) ^ c for a = 0xf0, b = 0xcc, c = 0xaa.
   """
   return llvm.inline_asm(ir.IntegerType.get_signless(32), [word],
                          "lop3.b32 $0, $1, 0x000F000F, 0x43084308, 0x6a;", "=r,r")
