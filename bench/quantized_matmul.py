@@ -283,7 +283,7 @@ MOSAIC_CONFIGS = (  # the layout-cast unpack of runs 10-18, then the register un
     # more, shorter programs (2 or 4 groups each)
     mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=2, split_k=16,
                                 register_unpack=True),
-    # [5] with the scales loaded from [N, G] by each thread (no XLA transpose)
+    # [7]: [5] with the scales loaded from [N, G] by each thread (no XLA transpose)
     mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=2, groups_per_step=2,
                                 split_k=8, register_unpack=True, direct_scales=True),
 )
@@ -527,6 +527,13 @@ class Bench:
                     block_sizes=bs.__dict__, spread=res[1],
                     ratio_vs_dequant_dot=(deq[0] / res[0]) if deq else None)
 
+  def w4a16_decode_candidates(self, m, n, k, g):
+    """(label, kernel module, block sizes): the Triton default, then the picked Mosaic GPU
+    tilings whose block_n divides N."""
+    default = BlockSizes.get_default("weight_only", m, n, k, group_size=g, bits=4)
+    return [("pallas_gpu", gpu, default)] + [
+        (mosaic_label(bs), mosaic_gpu, bs) for bs in self.mosaic_configs if n % bs.block_n == 0]
+
   def mosaic(self, shapes, ms):
     """Mosaic GPU W4A16 (g128, symmetric) against XLA bf16 and the Triton default: the
     whole op (operand prep, kernel, split-K sum) per tiling, and the kernel alone on
@@ -535,11 +542,7 @@ class Bench:
     g = 128
     for case, flops, nbytes, base_ms, sets in self._w4a16_cases(shapes, ms, g):
       m, n, k = case["m"], case["n"], case["k"]
-      default = BlockSizes.get_default("weight_only", m, n, k, group_size=g, bits=4)
-      candidates = [("pallas_gpu", gpu, default)]
-      candidates += [(mosaic_label(bs), mosaic_gpu, bs) for bs in self.mosaic_configs
-                     if n % bs.block_n == 0]
-      for label, kernel, bs in candidates:
+      for label, kernel, bs in self.w4a16_decode_candidates(m, n, k, g):
         op = functools.partial(kernel.weight_only_matmul, bits=4, group_size=g,
                                block_sizes=bs, interpret=self.interpret)
         res = self.guarded(f"{label} M={m} {n}x{k}", lambda: time_op(
@@ -584,11 +587,7 @@ class Bench:
                     2 * n * k + io, kernels=_kernel_us(base[1]))
         sets = [(x, *wsets[i][:2]) for i, x in enumerate(xs)]
         want = reference.weight_only_matmul(*sets[0], bits=4, group_size=g)
-        candidates = [("pallas_gpu", gpu, BlockSizes.get_default("weight_only", m, n, k,
-                                                                 group_size=g, bits=4))]
-        candidates += [(mosaic_label(bs), mosaic_gpu, bs) for bs in self.mosaic_configs
-                       if n % bs.block_n == 0]
-        for label, kernel, bs in candidates:
+        for label, kernel, bs in self.w4a16_decode_candidates(m, n, k, g):
           op = functools.partial(kernel.weight_only_matmul, bits=4, group_size=g,
                                  block_sizes=bs, interpret=self.interpret)
           err = self.guarded(f"{label} M={m} {n}x{k}", lambda: rel_err(op(*sets[0]), want))
