@@ -509,6 +509,13 @@ def weight_only_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array,
 # ---------------------------------------------------------------------------------------
 # Atom W4A4
 
+# Int4 codes in the high nibble of an int8 are 16 x the code, exactly; the kernel takes
+# the 16 out of the weight scales.
+W4A4_CODE_FACTOR = 16
+# Output channels per compute warpgroup (one wgmma M) and compute warpgroups per program.
+W4A4_ROWS_PER_WG = 64
+W4A4_COMPUTE_WGS = 2
+
 
 @dataclasses.dataclass(frozen=True)
 class MosaicW4A4BlockSizes:
@@ -522,14 +529,34 @@ class MosaicW4A4BlockSizes:
       them where wgmma reads them and the kernel unpacks only the weights: per output
       element one unpack instead of three at block_m = 128, block_n = 64. Run 17: 1.10-1.17x
       faster at equal tiles (M = 1024 and 4096); the default.
+    register_weights: the other kernel (`_w4a4_register_weights`): the weights unpacked in
+      registers as wgmma's left operand, the product transposed, a warp-specialized
+      pipeline with two compute warpgroups of 64 output channels each. block_n must then be
+      128, block_m (the wgmma's N) a multiple of 32 up to 256; x is always unpacked by XLA.
+    groups_per_step: (register_weights only) quantization groups per pipeline step. With
+      2, both groups' wgmmas are issued before the first partial is read, so the second
+      group's unpack and the first one's rescale overlap a wgmma. Must divide the group
+      count.
   """
   block_m: int = 64
   block_n: int = 128
   max_concurrent_steps: int = 2
   x_int8: bool = False
+  register_weights: bool = False
+  groups_per_step: int = 1
 
   def __post_init__(self):
-    if self.block_m <= 0 or self.block_m % WGMMA_ROWS:
+    if self.register_weights:
+      if self.block_n != W4A4_ROWS_PER_WG * W4A4_COMPUTE_WGS:
+        raise ValueError(f"block_n={self.block_n} must be "
+                         f"{W4A4_ROWS_PER_WG * W4A4_COMPUTE_WGS} with register_weights")
+      if self.groups_per_step < 1:
+        raise ValueError(f"groups_per_step={self.groups_per_step} must be >= 1")
+      if not 0 < self.block_m <= 256 or self.block_m % 32:
+        raise ValueError(f"block_m={self.block_m} must be a multiple of 32 in [32, 256] "
+                         "with register_weights (a TMA copy of its f32 scales moves a "
+                         "multiple of 128 bytes)")
+    elif self.block_m <= 0 or self.block_m % WGMMA_ROWS:
       raise ValueError(f"block_m={self.block_m} must be a positive multiple of {WGMMA_ROWS}")
     if not 0 < self.block_n <= 256 or self.block_n % TOKEN_MULTIPLE:
       raise ValueError(f"block_n={self.block_n} must be a multiple of {TOKEN_MULTIPLE} "
@@ -538,11 +565,24 @@ class MosaicW4A4BlockSizes:
       raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 1")
 
   @classmethod
-  def get_default(cls, n: int, m: int) -> "MosaicW4A4BlockSizes":
-    """x unpacked by XLA (run 17, M = 1024 and 4096: 1.10-1.17x faster at equal 64 x 128
-    tiles); above 64 tokens 128 x 64 tiles (run 17: 1.12-1.17x ahead of 64 x 128 with x
-    unpacked, 1.25-1.35x the old default), else 64 x 128 (less padding of few tokens);
+  def get_default(cls, n: int, m: int, n_groups: int = 1,
+                  n_out: int = 0) -> "MosaicW4A4BlockSizes":
+    """Above 64 tokens and on N a multiple of 128, the register-weights kernel with 128
+    tokens per program (run s11-1: 1.25-1.33x the first kernel's best tiling at M = 1024
+    and 4096 on 14336x4096 and 28672x8192): two groups per step and a 2-deep ring where
+    the group count is even (s11-3: 3-5% ahead of one group and 4 steps), else 4 steps
+    (s11-1/2: ahead of 2, 3 and 5), 3 where a 256-channel tail leaves no room for 4.
+    Otherwise the first kernel: x unpacked by XLA (run 17: 1.10-1.17x faster at equal
+    tiles), 128 x 64 tiles above 64 tokens, else 64 x 128 (less padding of few tokens);
     the widest multiple of 8 up to that block_n that divides N."""
+    if m > 64 and n % (W4A4_ROWS_PER_WG * W4A4_COMPUTE_WGS) == 0:
+      for steps, per_step in ((2, 2), (4, 1), (3, 1), (2, 1)):
+        bs = cls(block_m=128, block_n=W4A4_ROWS_PER_WG * W4A4_COMPUTE_WGS,
+                 max_concurrent_steps=steps, groups_per_step=per_step,
+                 register_weights=True)
+        if n_groups % per_step == 0 and _register_weights_smem_bytes(bs, 128, n_out) <= \
+            SMEM_BYTES:
+          return bs
     block_m, widest = (128, 64) if m > 64 else (64, 128)
     block_n = next((bn for bn in range(widest, 0, -TOKEN_MULTIPLE) if n % bn == 0), widest)
     return cls(block_m=block_m, block_n=block_n, x_int8=True)
@@ -566,6 +606,30 @@ def check_w4a4(x_codes, x_scales, w_codes, w_scales, x_out, x_out_scales, w_out,
   if x_out is not None and (x_out.shape[1] % INT8_K_STEP or x_out.shape[1] > 256):
     raise NotImplementedError(f"mosaic_gpu W4A4: n_out={x_out.shape[1]} is not a multiple "
                               f"of {INT8_K_STEP} up to 256")
+  if block_sizes.register_weights:
+    if x_scales.shape[1] % block_sizes.groups_per_step:
+      raise ValueError(f"groups_per_step={block_sizes.groups_per_step} must divide the "
+                       f"{x_scales.shape[1]} groups")
+    n_out = 0 if x_out is None else x_out.shape[1]
+    smem = _register_weights_smem_bytes(block_sizes, group_size, n_out)
+    if smem > SMEM_BYTES:
+      raise NotImplementedError(f"mosaic_gpu W4A4: {block_sizes} with {n_out=} needs {smem} "
+                                f"bytes of shared memory, more than {SMEM_BYTES}")
+
+
+# Shared memory per program on an H100 / H200 (227 KB), less 1 KB for barriers.
+SMEM_BYTES = 227 * 1024 - 1024
+
+
+def _register_weights_smem_bytes(bs: MosaicW4A4BlockSizes, group_size: int,
+                                 n_out: int) -> int:
+  """The register-weights kernel's shared memory: the TMA ring (int8 x, int4 w and both
+  scales per group), each compute warpgroup's tail tiles and bf16 output tile."""
+  bm, bn, rows = bs.block_m, bs.block_n, W4A4_ROWS_PER_WG
+  ring = bs.max_concurrent_steps * bs.groups_per_step * (
+      bm * group_size + bn * group_size // 2 + 4 * (bm + bn))
+  tail = (bm * n_out + rows * n_out + 4 * (bm + rows)) if n_out else 0
+  return ring + W4A4_COMPUTE_WGS * (tail + 2 * bm * rows)
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "out_dtype", "block_sizes",
@@ -578,20 +642,33 @@ def w4a4_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
                 interpret=False) -> jax.Array:
   """Atom W4A4 (see `reference.w4a4_matmul`) on the int8 tensor cores, through Mosaic GPU.
 
-  Per group of g channels a program TMA-loads both int4 tiles, upcasts them to int8 in
-  registers (exact) into shared memory, takes the group's int32 product with one wgmma,
-  and adds it to a float32 register sum rescaled by act_scale x w_scale, as Atom does. The
-  int8 outlier tail follows as one more wgmma with its own scales. Both operands share the
-  QTensor's "group_halves" nibble order, so the int4 views need no permutation. With
-  `x_int8` (the default) XLA unpacks the activation codes and only the weights are unpacked
-  here. On an H200 0.63-0.86x XLA bf16 at M = 1024-4096, 2.3-2.6x the Triton kernel (run
-  17): bound by the CUDA-core work per group (unpack, rescale), not by the tensor cores.
+  Two kernels; `block_sizes.register_weights` picks one (`get_default`: the second above
+  64 tokens where N is a multiple of 128).
+
+  The first: per group of g channels a program TMA-loads both int4 tiles, upcasts them to
+  int8 in registers (exact) into shared memory, takes the group's int32 product with one
+  wgmma, and adds it to a float32 register sum rescaled by act_scale x w_scale, as Atom
+  does. The int8 outlier tail follows as one more wgmma with its own scales. Both operands
+  share the QTensor's "group_halves" nibble order, so the int4 views need no permutation.
+  With `x_int8` XLA unpacks the activation codes and only the weights are unpacked here. On
+  an H200 0.63-0.87x XLA bf16 at M = 1024-4096 (runs 17, 22, 37).
+
+  The second (`_w4a4_register_weights`): the weights are wgmma's left operand, unpacked in
+  registers, in a warp-specialized pipeline with two compute warpgroups. On an H200
+  0.80-1.13x XLA bf16 at M = 1024-4096 on the four Llama-3-8B shapes, 1.25-1.33x the first
+  (bench/results/quantized_matmul.md, runs 34-37).
   """
   interpret = _interpret_mode(interpret)
   require_hopper(interpret)
-  bs = block_sizes or MosaicW4A4BlockSizes.get_default(w_codes.shape[0], x_codes.shape[0])
+  bs = block_sizes or MosaicW4A4BlockSizes.get_default(
+      w_codes.shape[0], x_codes.shape[0], x_scales.shape[1],
+      0 if x_out is None else x_out.shape[1])
   check_w4a4(x_codes, x_scales, w_codes, w_scales, x_out, x_out_scales, w_out, w_out_scales,
              group_size=group_size, block_sizes=bs)
+  if bs.register_weights:
+    return _w4a4_register_weights(x_codes, x_scales, w_codes, w_scales, x_out, x_out_scales,
+                                  w_out, w_out_scales, group_size=group_size,
+                                  out_dtype=out_dtype, bs=bs, interpret=interpret)
   g, bm, bn = group_size, bs.block_m, bs.block_n
   m, n = x_codes.shape[0], w_codes.shape[0]
   n_groups = x_scales.shape[1]
@@ -695,6 +772,201 @@ def w4a4_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
       out_type=jax.ShapeDtypeStruct((mp, n), out_dtype),
       grid=(mp // bm, n // bn),
       grid_names=("m", "n"),
+      scratch_types=scratch,
+      interpret=interpret,
+  )(*operands)
+  return out[:m]
+
+
+# The register-weights W4A4 kernel (MosaicW4A4BlockSizes.register_weights): the weights are
+# wgmma's left operand, unpacked in registers; the product is computed transposed.
+
+
+def permute_x_register_weights(x8: jax.Array) -> jax.Array:
+  """int8 x [M, K] in the int4 view's order -> the order `_unpack_int4_to_int8` leaves the
+  weights in: within each 32 columns, column 16h + 4q + j holds view column 8q + 2j + h."""
+  m, k = x8.shape
+  digits = x8.reshape(m, k // 32, 4, 4, 2)                  # [M, c, q, j, h]
+  return digits.transpose(0, 1, 4, 2, 3).reshape(m, k)      # [M, c, h, q, j]
+
+
+def _unpack_int4_reference(codes: jax.Array) -> jax.Array:
+  """What `_unpack_int4_to_int8` computes, in jnp (for the interpreter)."""
+  return permute_x_register_weights(codes.astype(jnp.int8) * W4A4_CODE_FACTOR)
+
+
+def _unpack_int4_to_int8(codes: jax.Array) -> jax.Array:
+  """int4 [rows, k] in the WGMMA_UPCAST_4X layout -> int8 16 x code in WGMMA_LAYOUT_8BIT.
+
+  Thread q of a row quad holds, per 32 columns, one 32-bit word of columns 8q + 0..7
+  (nibble v = column 8q + v). (word << 4) & 0xF0F0F0F0 puts the even nibbles in the high
+  halves of four bytes, word & 0xF0F0F0F0 the odd ones: 16 x the codes as int8, in the
+  thread's two registers of the 8-bit wgmma layout (columns 4q + j and 16 + 4q + j). No
+  value moves between threads; x takes the same column order
+  (`permute_x_register_weights`).
+  """
+  shape = codes.shape
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
+                     return_type=plgpu.ShapeDtypeStruct(shape, jnp.int8,
+                                                        plgpu.Layout.WGMMA_8BIT))
+  def unpack(_, words):
+    i32 = ir.IntegerType.get_signless(32)
+    quad = ir.VectorType.get((4,), ir.IntegerType.get_signless(8))
+    high_nibbles = arith.constant(i32, 0xF0F0F0F0 - (1 << 32))
+    out = np.empty(mgpu.fragmented_array.WGMMA_LAYOUT_8BIT.registers_shape(shape),
+                   dtype=object)
+    for idx, reg in np.ndenumerate(words.registers):   # idx[1]: the 32-column chunk
+      word = mgpu.utils.bitcast(reg, i32)
+      even = arith.andi(arith.shli(word, arith.constant(i32, 4)), high_nibbles)
+      odd = arith.andi(word, high_nibbles)
+      out[(idx[0], 2 * idx[1], *idx[2:])] = mgpu.utils.bitcast(even, quad)
+      out[(idx[0], 2 * idx[1] + 1, *idx[2:])] = mgpu.utils.bitcast(odd, quad)
+    return mgpu.FragmentedArray(_registers=out,
+                                _layout=mgpu.fragmented_array.WGMMA_LAYOUT_8BIT,
+                                _is_signed=True)
+
+  return unpack(codes)
+
+
+def _w4a4_register_weights(x_codes, x_scales, w_codes, w_scales, x_out, x_out_scales,
+                           w_out, w_out_scales, *, group_size: int, out_dtype,
+                           bs: "MosaicW4A4BlockSizes", interpret):
+  """Atom W4A4 with the weights in registers: a warp-specialized pipeline (one warpgroup
+  issues the TMA loads of int8 x [block_m, g] and int4 w [block_n, g] per group; two
+  compute warpgroups each own 64 of the block_n output channels). Each compute warpgroup
+  unpacks its codes to int8 in registers (three instructions per 8 codes, no shared-memory
+  round trip), takes wgmma(int32 [64, block_m] = w [64, g] @ x^T [g, block_m]) and adds it
+  to a float32 sum rescaled by w_scale x act_scale. The tile is stored transposed."""
+  g, bm, bn = group_size, bs.block_m, bs.block_n
+  rows = W4A4_ROWS_PER_WG
+  m, n = x_codes.shape[0], w_codes.shape[0]
+  n_groups = x_scales.shape[1]
+  mp = -(-m // bm) * bm
+  pad = lambda a: jnp.pad(a, ((0, mp - m), (0, 0)))        # zero tokens add nothing
+  tail = x_out is not None and x_out.shape[1] > 0
+  n_out = x_out.shape[1] if tail else 0
+  x8 = permute_x_register_weights(int4_view(pad(x_codes)).astype(jnp.int8))  # [mp, K]
+  operands = [x8.T if interpret else x8, int4_view(w_codes), pad(x_scales).T,
+              w_scales.T / W4A4_CODE_FACTOR]
+  if tail:  # [M, n_out], [N, n_out] int8 and their scales as [1, M], [1, N]
+    operands += [pad(x_out).T if interpret else pad(x_out), w_out, pad(x_out_scales).T,
+                 w_out_scales.T]
+  swizzled = functools.partial(_smem_transforms, interpret)
+  # The interpreter's wgmma reads its left operand from smem and no transposed views.
+  right_operand = lambda ref: ref if interpret else plgpu.transpose_ref(ref, (1, 0))
+
+  per_step = bs.groups_per_step
+  step_k = per_step * g                                    # channels of K per step
+
+  def pipeline(step, compute_context):
+    x_spec = (plgpu.BlockSpec((step_k, bm), lambda i: (i, 0)) if interpret else
+              plgpu.BlockSpec((bm, step_k), lambda i: (0, i), transforms=swizzled(step_k, 8)))
+    return plgpu.emit_pipeline_warp_specialized(
+        step,
+        grid=(n_groups // per_step,),
+        memory_registers=40,
+        in_specs=[x_spec,
+                  plgpu.BlockSpec((bn, step_k), lambda i: (0, i),
+                                  transforms=swizzled(g // 2, 4)),
+                  plgpu.BlockSpec((per_step, bm), lambda i: (i, 0)),
+                  plgpu.BlockSpec((per_step, bn), lambda i: (i, 0))],
+        wg_axis="wg",
+        num_compute_wgs=W4A4_COMPUTE_WGS,
+        max_concurrent_steps=bs.max_concurrent_steps,
+        compute_context=compute_context,
+    )
+
+  def w4a4_register_weights_kernel(*refs):
+    n_in = len(operands)
+    x_gmem, w_gmem, xs_gmem, ws_gmem = refs[:4]
+    o_gmem = refs[n_in]
+    o_smem, w8_staging, *tail_smem = refs[n_in + 1:]
+    wg = lax.axis_index("wg")
+    tokens = pl.ds(lax.axis_index("m") * bm, bm)
+    cols = pl.ds(lax.axis_index("n") * bn, bn)
+    wg_rows = pl.ds(wg * rows, rows)                      # within the program's block_n
+    wg_cols = pl.ds(lax.axis_index("n") * bn + wg * rows, rows)
+
+    def product(a, b_smem):                               # int32 [rows, bm]
+      def mma(acc_ref):
+        plgpu.wgmma(acc_ref, a, right_operand(b_smem))
+        return acc_ref[...]
+      return pl.run_scoped(mma, plgpu.ACC((rows, bm), jnp.int32))
+
+    def weights(w_smem, j):                               # int8 [rows, g], 16 x codes
+      codes = w_smem.at[wg_rows, pl.ds(j * g, g)][...]                   # int4 [rows, g]
+      if interpret:
+        w8_staging.at[wg, j][...] = _unpack_int4_reference(codes)
+        return w8_staging.at[wg, j]
+      return _unpack_int4_to_int8(plgpu.layout_cast(codes, plgpu.Layout.WGMMA_UPCAST_4X))
+
+    def step(_, x_smem, w_smem, xs_smem, ws_smem, total):
+      def mma_all(*acc_refs):
+        for j, acc_ref in enumerate(acc_refs):
+          x_group = x_smem.at[pl.ds(j * g, g)] if interpret else x_smem.at[:, pl.ds(j * g, g)]
+          plgpu.wgmma(acc_ref, weights(w_smem, j), right_operand(x_group))
+        new_total = total
+        for j, acc_ref in enumerate(acc_refs):  # group j's partial while later ones run
+          partial = (acc_ref[...] if interpret else
+                     plgpu.wgmma_accumulator_load(acc_ref, wait_n=per_step - 1 - j))
+          new_total = new_total + _rescaled(interpret, partial,
+                                            ws_smem.at[pl.ds(j, 1), wg_rows],
+                                            xs_smem.at[pl.ds(j, 1)])
+        return new_total
+      return pl.run_scoped(mma_all, *[plgpu.ACC((rows, bm), jnp.int32)] * per_step)
+
+    def compute_context(run_pipeline):
+      total = run_pipeline(_in_layout(interpret, jnp.zeros((rows, bm), jnp.float32),
+                                      plgpu.Layout.WGMMA))
+      if tail:
+        xo_gmem, wo_gmem, xos_gmem, wos_gmem = refs[4:8]
+        xo_smem, wo_smem, xos_smem, wos_smem, arrived = tail_smem
+        copies = ((xo_gmem.at[:, tokens] if interpret else xo_gmem.at[tokens],
+                   xo_smem.at[wg]),
+                  (wo_gmem.at[wg_cols], wo_smem.at[wg]),
+                  (xos_gmem.at[:, tokens], xos_smem.at[wg]),
+                  (wos_gmem.at[:, wg_cols], wos_smem.at[wg]))
+        for src, dst in copies:
+          plgpu.copy_gmem_to_smem(src, dst, arrived.at[wg])
+        plgpu.barrier_wait(arrived.at[wg])
+        total = total + _rescaled(interpret, product(wo_smem.at[wg], xo_smem.at[wg]),
+                                  wos_smem.at[wg], xos_smem.at[wg])
+      out = total.astype(out_dtype)
+      if interpret:
+        o_smem.at[wg][...] = out.T
+      else:
+        # A shuffle and a byte permute per register give the transposed layout, which
+        # stores into the transposed view of the swizzled tile.
+        plgpu.transpose_ref(o_smem.at[wg], (1, 0))[...] = plgpu.layout_cast(
+            out, plgpu.Layout.WGMMA_TRANSPOSED)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[tokens, wg_cols])
+      plgpu.wait_smem_to_gmem(0)
+
+    pipeline(step, compute_context)(
+        x_gmem.at[:, tokens] if interpret else x_gmem.at[tokens], w_gmem.at[cols],
+        xs_gmem.at[:, tokens], ws_gmem.at[:, cols])
+
+  out_bytes = jnp.dtype(out_dtype).itemsize
+  scratch = [plgpu.SMEM((W4A4_COMPUTE_WGS, bm, rows), out_dtype,
+                        transforms=swizzled(rows * out_bytes, 8 * out_bytes)),
+             plgpu.SMEM((W4A4_COMPUTE_WGS, per_step, rows, g), jnp.int8) if interpret else
+             plgpu.SMEM((1, 8), jnp.int8)]
+  if tail:
+    wgs = W4A4_COMPUTE_WGS
+    scratch += [plgpu.SMEM((wgs, n_out, bm) if interpret else (wgs, bm, n_out), jnp.int8,
+                           transforms=swizzled(n_out, 8)),
+                plgpu.SMEM((wgs, rows, n_out), jnp.int8, transforms=swizzled(n_out, 8)),
+                plgpu.SMEM((wgs, 1, bm), jnp.float32), plgpu.SMEM((wgs, 1, rows), jnp.float32),
+                plgpu.Barrier(num_arrivals=4, num_barriers=wgs)]
+  out = plgpu.kernel(
+      w4a4_register_weights_kernel,
+      out_type=jax.ShapeDtypeStruct((mp, n), out_dtype),
+      grid=(mp // bm, n // bn),
+      grid_names=("m", "n"),
+      num_threads=W4A4_COMPUTE_WGS + 1,
+      thread_name="wg",
       scratch_types=scratch,
       interpret=interpret,
   )(*operands)
