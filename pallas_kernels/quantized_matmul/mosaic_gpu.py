@@ -568,10 +568,10 @@ class MosaicW4A4BlockSizes:
   def get_default(cls, n: int, m: int, n_groups: int = 1,
                   n_out: int = 0) -> "MosaicW4A4BlockSizes":
     """Above 64 tokens and on N a multiple of 128, the register-weights kernel with 128
-    tokens per program (run s11-1: 1.25-1.33x the first kernel's best tiling at M = 1024
-    and 4096 on 14336x4096 and 28672x8192): two groups per step and a 2-deep ring where
-    the group count is even (s11-3: 3-5% ahead of one group and 4 steps), else 4 steps
-    (s11-1/2: ahead of 2, 3 and 5), 3 where a 256-channel tail leaves no room for 4.
+    tokens per program (runs 34-37: 1.25-1.33x the first kernel's best tiling at M = 1024
+    and 4096 on the four Llama-3-8B shapes): two groups per step and a 2-deep ring where
+    the group count is even (run 36: 3-5% ahead of one group and 4 steps), else 4 steps
+    (runs 34-35: ahead of 2, 3 and 5), 3 where a 256-channel tail leaves no room for 4.
     Otherwise the first kernel: x unpacked by XLA (run 17: 1.10-1.17x faster at equal
     tiles), 128 x 64 tiles above 64 tokens, else 64 x 128 (less padding of few tokens);
     the widest multiple of 8 up to that block_n that divides N."""
@@ -881,7 +881,8 @@ def _w4a4_register_weights(x_codes, x_scales, w_codes, w_scales, x_out, x_out_sc
     n_in = len(operands)
     x_gmem, w_gmem, xs_gmem, ws_gmem = refs[:4]
     o_gmem = refs[n_in]
-    o_smem, w8_staging, *tail_smem = refs[n_in + 1:]
+    o_smem, *tail_smem = refs[n_in + 1:]
+    w8_staging = tail_smem.pop(0) if interpret else None  # [wgs, per_step, rows, g]
     wg = lax.axis_index("wg")
     tokens = pl.ds(lax.axis_index("m") * bm, bm)
     cols = pl.ds(lax.axis_index("n") * bn, bn)
@@ -950,9 +951,9 @@ def _w4a4_register_weights(x_codes, x_scales, w_codes, w_scales, x_out, x_out_sc
 
   out_bytes = jnp.dtype(out_dtype).itemsize
   scratch = [plgpu.SMEM((W4A4_COMPUTE_WGS, bm, rows), out_dtype,
-                        transforms=swizzled(rows * out_bytes, 8 * out_bytes)),
-             plgpu.SMEM((W4A4_COMPUTE_WGS, per_step, rows, g), jnp.int8) if interpret else
-             plgpu.SMEM((1, 8), jnp.int8)]
+                        transforms=swizzled(rows * out_bytes, 8 * out_bytes))]
+  if interpret:
+    scratch.append(plgpu.SMEM((W4A4_COMPUTE_WGS, per_step, rows, g), jnp.int8))
   if tail:
     wgs = W4A4_COMPUTE_WGS
     scratch += [plgpu.SMEM((wgs, n_out, bm) if interpret else (wgs, bm, n_out), jnp.int8,
