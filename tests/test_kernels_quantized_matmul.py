@@ -540,6 +540,10 @@ def test_mosaic_gpu_default_tiling_and_hopper_guard(monkeypatch):
       max_concurrent_steps=2, groups_per_step=2)
   assert MosaicW4A4BlockSizes.get_default(4096, 4096, 30, 256) == register_weights(
       max_concurrent_steps=3)
+  # Groups of 256 take twice the ring's shared memory: beside a 128-channel tail only 2
+  # steps fit.
+  assert MosaicW4A4BlockSizes.get_default(4096, 4096, 15, 128, 256) == register_weights(
+      max_concurrent_steps=2)
   assert MosaicW4A4BlockSizes.get_default(4160, 4096) == MosaicW4A4BlockSizes(
       block_m=128, block_n=64, x_int8=True)
   assert MosaicW4A4BlockSizes.get_default(14336, 1) == MosaicW4A4BlockSizes(x_int8=True)

@@ -565,8 +565,8 @@ class MosaicW4A4BlockSizes:
       raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 1")
 
   @classmethod
-  def get_default(cls, n: int, m: int, n_groups: int = 1,
-                  n_out: int = 0) -> "MosaicW4A4BlockSizes":
+  def get_default(cls, n: int, m: int, n_groups: int = 1, n_out: int = 0,
+                  group_size: int = 128) -> "MosaicW4A4BlockSizes":
     """Above 64 tokens and on N a multiple of 128, the register-weights kernel with 128
     tokens per program (runs 34-37: 1.25-1.33x the first kernel's best tiling at M = 1024
     and 4096 on the four Llama-3-8B shapes): two groups per step and a 2-deep ring where
@@ -580,8 +580,8 @@ class MosaicW4A4BlockSizes:
         bs = cls(block_m=128, block_n=W4A4_ROWS_PER_WG * W4A4_COMPUTE_WGS,
                  max_concurrent_steps=steps, groups_per_step=per_step,
                  register_weights=True)
-        if n_groups % per_step == 0 and _register_weights_smem_bytes(bs, 128, n_out) <= \
-            SMEM_BYTES:
+        if n_groups % per_step == 0 and _register_weights_smem_bytes(
+            bs, group_size, n_out) <= SMEM_BYTES:
           return bs
     block_m, widest = (128, 64) if m > 64 else (64, 128)
     block_n = next((bn for bn in range(widest, 0, -TOKEN_MULTIPLE) if n % bn == 0), widest)
@@ -662,7 +662,7 @@ def w4a4_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
   require_hopper(interpret)
   bs = block_sizes or MosaicW4A4BlockSizes.get_default(
       w_codes.shape[0], x_codes.shape[0], x_scales.shape[1],
-      0 if x_out is None else x_out.shape[1])
+      0 if x_out is None else x_out.shape[1], group_size)
   check_w4a4(x_codes, x_scales, w_codes, w_scales, x_out, x_out_scales, w_out, w_out_scales,
              group_size=group_size, block_sizes=bs)
   if bs.register_weights:
