@@ -439,6 +439,9 @@ def test_mosaic_gpu_w4a4_refuses_and_lowers():
     mosaic_gpu.w4a4_matmul(*random_w4a4(("mw4a4g",), 4, 128, 128, 0, 128)[:4],
                            block_sizes=MosaicW4A4BlockSizes(block_m=32, groups_per_step=2,
                                                             register_weights=True))
+  with pytest.raises(ValueError, match="profile_dir='/tmp/t' traces the register-weights"):
+    mosaic_gpu.w4a4_matmul(*random_w4a4(("mw4a4g",), 4, 128, 128, 0, 128)[:4],
+                           block_sizes=MosaicW4A4BlockSizes(block_m=64), profile_dir="/tmp/t")
   big_tail = random_w4a4(("mw4a4s",), 4, 128, 256, 256, 128)
   with pytest.raises(NotImplementedError, match="shared memory"):
     mosaic_gpu.w4a4_matmul(*big_tail, block_sizes=MosaicW4A4BlockSizes(

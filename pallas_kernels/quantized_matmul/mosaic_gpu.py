@@ -633,13 +633,13 @@ def _register_weights_smem_bytes(bs: MosaicW4A4BlockSizes, group_size: int,
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "out_dtype", "block_sizes",
-                                             "interpret"))
+                                             "interpret", "profile_dir"))
 def w4a4_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
                 w_scales: jax.Array, x_out: jax.Array | None = None,
                 x_out_scales: jax.Array | None = None, w_out: jax.Array | None = None,
                 w_out_scales: jax.Array | None = None, *, group_size: int = 128,
                 out_dtype=jnp.bfloat16, block_sizes: MosaicW4A4BlockSizes | None = None,
-                interpret=False) -> jax.Array:
+                interpret=False, profile_dir: str | None = None) -> jax.Array:
   """Atom W4A4 (see `reference.w4a4_matmul`) on the int8 tensor cores, through Mosaic GPU.
 
   Two kernels; `block_sizes.register_weights` picks one (`get_default`: the second above
@@ -657,6 +657,10 @@ def w4a4_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
   registers, in a warp-specialized pipeline with two compute warpgroups. On an H200
   0.80-1.13x XLA bf16 at M = 1024-4096 on the four Llama-3-8B shapes, 1.25-1.33x the first
   (bench/results/quantized_matmul.md, runs 34-37).
+
+  `profile_dir` (second kernel, on the GPU): Mosaic GPU's profiler writes a trace of each
+  warpgroup's phases (unpack, issue, wait, rescale per group) there, in cycles
+  (`bench/w4a4_timeline.py` reads it).
   """
   interpret = _interpret_mode(interpret)
   require_hopper(interpret)
@@ -668,7 +672,11 @@ def w4a4_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
   if bs.register_weights:
     return _w4a4_register_weights(x_codes, x_scales, w_codes, w_scales, x_out, x_out_scales,
                                   w_out, w_out_scales, group_size=group_size,
-                                  out_dtype=out_dtype, bs=bs, interpret=interpret)
+                                  out_dtype=out_dtype, bs=bs, interpret=interpret,
+                                  profile_dir=profile_dir)
+  if profile_dir:
+    raise ValueError(f"profile_dir={profile_dir!r} traces the register-weights kernel only; "
+                     f"block_sizes={bs} picks the other one")
   g, bm, bn = group_size, bs.block_m, bs.block_n
   m, n = x_codes.shape[0], w_codes.shape[0]
   n_groups = x_scales.shape[1]
@@ -831,7 +839,7 @@ def _unpack_int4_to_int8(codes: jax.Array) -> jax.Array:
 
 def _w4a4_register_weights(x_codes, x_scales, w_codes, w_scales, x_out, x_out_scales,
                            w_out, w_out_scales, *, group_size: int, out_dtype,
-                           bs: "MosaicW4A4BlockSizes", interpret):
+                           bs: "MosaicW4A4BlockSizes", interpret, profile_dir=None):
   """Atom W4A4 with the weights in registers: a warp-specialized pipeline (one warpgroup
   issues the TMA loads of int8 x [block_m, g] and int4 w [block_n, g] per group; two
   compute warpgroups each own 64 of the block_n output channels). Each compute warpgroup
@@ -902,18 +910,24 @@ def _w4a4_register_weights(x_codes, x_scales, w_codes, w_scales, x_out, x_out_sc
         return w8_staging.at[wg, j]
       return _unpack_int4_to_int8(plgpu.layout_cast(codes, plgpu.Layout.WGMMA_UPCAST_4X))
 
+    # The named phases are what `profile_dir` traces (nothing otherwise).
     def step(_, x_smem, w_smem, xs_smem, ws_smem, total):
       def mma_all(*acc_refs):
         for j, acc_ref in enumerate(acc_refs):
           x_group = x_smem.at[pl.ds(j * g, g)] if interpret else x_smem.at[:, pl.ds(j * g, g)]
-          plgpu.wgmma(acc_ref, weights(w_smem, j), right_operand(x_group))
+          with jax.named_scope("unpack"):
+            w = weights(w_smem, j)
+          with jax.named_scope("issue"):
+            plgpu.wgmma(acc_ref, w, right_operand(x_group))
         new_total = total
         for j, acc_ref in enumerate(acc_refs):  # group j's partial while later ones run
-          partial = (acc_ref[...] if interpret else
-                     plgpu.wgmma_accumulator_load(acc_ref, wait_n=per_step - 1 - j))
-          new_total = new_total + _rescaled(interpret, partial,
-                                            ws_smem.at[pl.ds(j, 1), wg_rows],
-                                            xs_smem.at[pl.ds(j, 1)])
+          with jax.named_scope("wait"):
+            partial = (acc_ref[...] if interpret else
+                       plgpu.wgmma_accumulator_load(acc_ref, wait_n=per_step - 1 - j))
+          with jax.named_scope("rescale"):
+            new_total = new_total + _rescaled(interpret, partial,
+                                              ws_smem.at[pl.ds(j, 1), wg_rows],
+                                              xs_smem.at[pl.ds(j, 1)])
         return new_total
       return pl.run_scoped(mma_all, *[plgpu.ACC((rows, bm), jnp.int32)] * per_step)
 
@@ -961,6 +975,10 @@ def _w4a4_register_weights(x_codes, x_scales, w_codes, w_scales, x_out, x_out_sc
                 plgpu.SMEM((wgs, rows, n_out), jnp.int8, transforms=swizzled(n_out, 8)),
                 plgpu.SMEM((wgs, 1, bm), jnp.float32), plgpu.SMEM((wgs, 1, rows), jnp.float32),
                 plgpu.Barrier(num_arrivals=4, num_barriers=wgs)]
+  profile = {}
+  if profile_dir:  # room for four phases per group, twice over (the pipeline may add its own)
+    profile = dict(compiler_params=plgpu.CompilerParams(profile_space=8 * n_groups + 64,
+                                                        profile_dir=profile_dir))
   out = plgpu.kernel(
       w4a4_register_weights_kernel,
       out_type=jax.ShapeDtypeStruct((mp, n), out_dtype),
@@ -970,6 +988,7 @@ def _w4a4_register_weights(x_codes, x_scales, w_codes, w_scales, x_out, x_out_sc
       thread_name="wg",
       scratch_types=scratch,
       interpret=interpret,
+      **profile,
   )(*operands)
   return out[:m]
 
