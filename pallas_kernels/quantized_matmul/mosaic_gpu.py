@@ -346,11 +346,20 @@ def kernel_operands(x: jax.Array, codes: jax.Array, scales: jax.Array, *, group_
 
 
 def partial_products(x_operand: jax.Array, w4: jax.Array, scales: jax.Array, *,
-                     group_size: int, block_sizes: MosaicBlockSizes,
-                     interpret=False) -> jax.Array:
-  """The kernel: float32 partial products [split_k, N, mp] from `kernel_operands`."""
+                     group_size: int, block_sizes: MosaicBlockSizes, interpret=False,
+                     profile_dir: str | None = None) -> jax.Array:
+  """The kernel: float32 partial products [split_k, N, mp] from `kernel_operands`.
+
+  `profile_dir` (register unpack, on the GPU): Mosaic GPU's profiler writes a trace of
+  each program's phases there, in cycles: "pipeline" (from before the first loads to
+  after the last step), within it per step "unpack" and "issue" per group, "wait" and
+  "scale", then "store" (`bench/w4a16_timeline.py` reads it).
+  """
   interpret = _interpret_mode(interpret)
   bs = block_sizes
+  if profile_dir and not bs.register_unpack:
+    raise ValueError(f"profile_dir={profile_dir!r} traces the register unpack only; "
+                     f"block_sizes={bs} has register_unpack=False")
   g = group_size
   n, k = w4.shape
   mp = x_operand.shape[1] if interpret else x_operand.shape[0]
@@ -421,18 +430,23 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales: jax.Array, *,
       # unpack of group j + 1 runs while group j's wgmma does.
       step_scales = [group_scales(indices, j, *s_smem) for j in range(per_step)]
 
+      # The named phases are what `profile_dir` traces (nothing otherwise).
       def mma_all(*acc_refs):
         for j, acc_ref in enumerate(acc_refs):
           group_k = pl.ds(j * g, g)
-          codes = w_smem.at[:, group_k][...]                             # int4 [bn, g]
-          w = (_unpack_reference(codes) if interpret else _unpack_to_wgmma_layout(
-              plgpu.layout_cast(codes, plgpu.Layout.WGMMA_UPCAST_4X)))
-          plgpu.wgmma(acc_ref, weights_operand(w), x_operand_of(x_smem, group_k))
-        return [acc_ref[...] for acc_ref in acc_refs]
+          with jax.named_scope("unpack"):
+            codes = w_smem.at[:, group_k][...]                           # int4 [bn, g]
+            w = (_unpack_reference(codes) if interpret else _unpack_to_wgmma_layout(
+                plgpu.layout_cast(codes, plgpu.Layout.WGMMA_UPCAST_4X)))
+          with jax.named_scope("issue"):
+            plgpu.wgmma(acc_ref, weights_operand(w), x_operand_of(x_smem, group_k))
+        with jax.named_scope("wait"):
+          return [acc_ref[...] for acc_ref in acc_refs]
 
       partials = pl.run_scoped(mma_all, *[plgpu.ACC((bs.block_n, mp))] * per_step)
-      for partial, row_scales in zip(partials, step_scales):   # f32 [bn, mp] x [bn]
-        total = total + partial * lax.broadcast_in_dim(row_scales, partial.shape, [0])
+      with jax.named_scope("scale"):
+        for partial, row_scales in zip(partials, step_scales):   # f32 [bn, mp] x [bn]
+          total = total + partial * lax.broadcast_in_dim(row_scales, partial.shape, [0])
       return total
 
     in_specs = [
@@ -448,14 +462,15 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales: jax.Array, *,
                                       lambda i: (part * steps + i, 0)))
       operand_refs.append(s_gmem.at[:, rows])
     if bs.register_unpack:
-      acc = plgpu.emit_pipeline(
-          unpacked_step,
-          grid=(steps,),
-          in_specs=in_specs,
-          max_concurrent_steps=bs.max_concurrent_steps,
-          init_carry=in_layout(jnp.zeros((bs.block_n, mp), jnp.float32),
-                               plgpu.Layout.WGMMA),
-      )(*operand_refs)
+      with jax.named_scope("pipeline"):
+        acc = plgpu.emit_pipeline(
+            unpacked_step,
+            grid=(steps,),
+            in_specs=in_specs,
+            max_concurrent_steps=bs.max_concurrent_steps,
+            init_carry=in_layout(jnp.zeros((bs.block_n, mp), jnp.float32),
+                                 plgpu.Layout.WGMMA),
+        )(*operand_refs)
     else:
       def acc_scope(acc_ref):
         plgpu.emit_pipeline(
@@ -470,11 +485,16 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales: jax.Array, *,
 
     @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bs.block_n, mp), jnp.float32))
     def _store(o_smem):
-      o_smem[...] = acc
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[part, rows])
-      plgpu.wait_smem_to_gmem(0)
+      with jax.named_scope("store"):
+        o_smem[...] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[part, rows])
+        plgpu.wait_smem_to_gmem(0)
 
+  profile = {}
+  if profile_dir:  # per step two phases per group and two more, twice over, and slack
+    profile = dict(compiler_params=plgpu.CompilerParams(
+        profile_space=4 * steps * (per_step + 1) + 64, profile_dir=profile_dir))
   return plgpu.kernel(
       w4a16_mosaic_kernel,
       out_type=jax.ShapeDtypeStruct((split, n, mp), jnp.float32),
@@ -482,6 +502,7 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales: jax.Array, *,
       grid_names=("n", "k"),
       scratch_types=[plgpu.SMEM((bs.block_n, g), jnp.bfloat16)] if interpret else [],
       interpret=interpret,
+      **profile,
   )(w4, x_operand, scales)
 
 
