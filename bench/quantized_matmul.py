@@ -308,6 +308,16 @@ MOSAIC_CONFIGS = (  # the layout-cast unpack of runs 10-18, then the register un
     # [7]: [5] with the scales loaded from [N, G] by each thread (no XLA transpose)
     mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=2, groups_per_step=2,
                                 split_k=8, register_unpack=True, direct_scales=True),
+    # [8]-[11]: [5] with fewer, longer programs (run 51's timeline: a program of split-K 8
+    # on 14336x4096 waits 44% of its life for its first data)
+    mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=2, groups_per_step=2,
+                                split_k=4, register_unpack=True),
+    mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=2, groups_per_step=2,
+                                split_k=2, register_unpack=True),
+    mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=3, groups_per_step=2,
+                                split_k=2, register_unpack=True),
+    mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=4, groups_per_step=2,
+                                split_k=1, register_unpack=True),
 )
 
 

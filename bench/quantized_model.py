@@ -103,12 +103,26 @@ class _DirectScalesBlockSizes(mosaic_gpu.MosaicBlockSizes):
     return dataclasses.replace(super().get_default(n, k, group_size), direct_scales=True)
 
 
+class _SplitK8BlockSizes(mosaic_gpu.MosaicBlockSizes):
+  """The default Mosaic GPU W4A16 tiling with split-K 8 wherever whole steps allow it
+  (the default before run 52; for w4a16/split_k8)."""
+
+  @classmethod
+  def get_default(cls, n, k, group_size=128):
+    bs = super().get_default(n, k, group_size)
+    if bs.groups_per_step == 2 and (k // group_size) % 16 == 0:
+      return dataclasses.replace(bs, split_k=8)
+    return bs
+
+
 VARIANTS = {"w8a8/xla_quantizer": ("w8a8", xla_quantizer),
             "w4a4/triton": ("w4a4", lambda: common.patched(
                 (lowbit_nn, "W4A4_KERNELS", {**lowbit_nn.W4A4_KERNELS, "gpu": ("pallas_gpu",)}))),
             "w4a16/triton": ("w4a16", lambda: common.patched((qmm_api, "MOSAIC_W4A16_MAX_M", 0))),
             "w4a16/direct_scales": ("w4a16", lambda: common.patched(
                 (mosaic_gpu, "MosaicBlockSizes", _DirectScalesBlockSizes))),
+            "w4a16/split_k8": ("w4a16", lambda: common.patched(
+                (mosaic_gpu, "MosaicBlockSizes", _SplitK8BlockSizes))),
             "w8a8/triton": ("w8a8", lambda: common.patched(
                 (qmm_api, "MOSAIC_INT8_MIN_M", float("inf"))))}
 

@@ -394,6 +394,18 @@ def test_mosaic_gpu_lowers_for_cuda(bs):
   assert "mosaic_gpu" in text
 
 
+def test_mosaic_gpu_profile_refused_by_the_layout_cast_unpack(tmp_path):
+  """Only the register unpack names the phases `profile_dir` traces (the trace itself needs
+  a GPU: the profiled kernel does not lower for CUDA from a CPU host)."""
+  g = 128
+  x, codes, scales, _ = random_weight_only(("mprofile",), 4, 128, 512, g, 4, True)
+  layout_cast = MosaicBlockSizes(block_n=64, split_k=2)
+  with pytest.raises(ValueError, match="traces the register unpack only"):
+    mosaic_gpu.partial_products(*mosaic_gpu.kernel_operands(
+        x, codes, scales, group_size=g, block_sizes=layout_cast), group_size=g,
+        block_sizes=layout_cast, profile_dir=str(tmp_path))
+
+
 @pytest.mark.parametrize("m,n,k_main,n_out,g,bs", [
     (64, 128, 512, 0, 128, MosaicW4A4BlockSizes()),
     (70, 256, 256, 64, 64, MosaicW4A4BlockSizes(block_n=64)),
@@ -528,8 +540,12 @@ def test_mosaic_gpu_call_sites_share_one_lowered_kernel():
 
 
 def test_mosaic_gpu_default_tiling_and_hopper_guard(monkeypatch):
+  # The smallest split-K giving >= 6 programs per SM with <= 16 groups each, else the
+  # largest that leaves whole steps.
   assert MosaicBlockSizes.get_default(14336, 4096) == MosaicBlockSizes(
-      block_n=64, split_k=8, max_concurrent_steps=2, groups_per_step=2, register_unpack=True)
+      block_n=64, split_k=4, max_concurrent_steps=2, groups_per_step=2, register_unpack=True)
+  assert MosaicBlockSizes.get_default(28672, 4096).split_k == 2         # 896 programs
+  assert MosaicBlockSizes.get_default(28672, 8192).split_k == 4         # 16 groups each
   assert MosaicBlockSizes.get_default(4096, 14336).split_k == 8         # 112 groups
   assert MosaicBlockSizes.get_default(20480, 12 * 128).split_k == 2     # 12 groups
   for n_groups in (5, 6, 86):

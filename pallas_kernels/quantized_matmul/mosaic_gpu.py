@@ -133,17 +133,35 @@ class MosaicBlockSizes:
   @classmethod
   def get_default(cls, n: int, k: int, group_size: int = 128) -> "MosaicBlockSizes":
     """The register unpack with 64-row tiles, two groups per step (the second unpacked
-    while the first one's wgmma runs), a 2-deep ring and split-K 8 (or the largest of 4,
-    2 that leaves every program whole steps). On an H200 at M = 1-16 (run 21) the best of
-    seven tilings, or within 7%, on 14336x4096, 4096x14336 and 28672x8192: 1.56-2.33x XLA
-    bf16. A group count that no split of 2 or more leaves in pairs (e.g. 86, Llama-2's
-    down projection) keeps one group per step and `default_split_k`'s programs."""
-    n_groups = k // group_size
-    for split in (8, 4, 2):
-      if n_groups % (2 * split) == 0:
-        return cls(block_n=64, split_k=split, max_concurrent_steps=2, groups_per_step=2,
-                   register_unpack=True)
-    return cls(block_n=64, max_concurrent_steps=3, register_unpack=True)
+    while the first one's wgmma runs), a 2-deep ring (run 21: the best of seven tilings,
+    or within 7%, at M = 1-16 on 14336x4096, 4096x14336 and 28672x8192 on an H200), and
+    the smallest split-K of 2, 4, 8 that leaves every program whole steps, at most
+    DEFAULT_MAX_GROUPS groups, and gives at least DEFAULT_MIN_PROGRAMS programs; else the
+    largest such split. Each program waits for its first loads for about 2100 cycles (run
+    51's timeline: 44% of a split-K-8 program's life on 14336x4096), so fewer, longer
+    programs pay it less often, and the split-K sum after the kernel adds fewer partials.
+    Split-K 8 everywhere (the rule of runs 21-51) took 2-7% longer on 14336x4096 and
+    28672x8192 at M = 1-16 (runs 52-53). A group count that no split of 2 or more leaves
+    in pairs (e.g. 86, Llama-2's down projection) keeps one group per step and
+    `default_split_k`'s programs."""
+    n_groups, n_tiles = k // group_size, n // 64
+    splits = [split for split in (2, 4, 8) if n_groups % (2 * split) == 0]
+    if not splits:
+      return cls(block_n=64, max_concurrent_steps=3, register_unpack=True)
+    split = next((s for s in splits if n_tiles * s >= DEFAULT_MIN_PROGRAMS
+                  and n_groups // s <= DEFAULT_MAX_GROUPS), splits[-1])
+    return cls(block_n=64, split_k=split, max_concurrent_steps=2, groups_per_step=2,
+               register_unpack=True)
+
+
+# The default W4A16 split (runs 52-53, H200, M = 1-16, GPU time of the whole op): about 6
+# programs per SM, a bit over one wave of the 4 that fit on an SM (98 registers per
+# thread), and no more than 16 groups per program. Chosen: split-K 4 on 14336x4096 (896
+# programs of 8 groups; split-K 2 within 2%) and on 28672x8192 (1792 of 16; split-K 2, 896
+# programs of 32 groups, 1-3% slower); 4096x14336 (64 tiles) keeps split-K 8 (512
+# programs), 0-10% ahead of split-K 4.
+DEFAULT_MIN_PROGRAMS = 6 * NUM_SMS
+DEFAULT_MAX_GROUPS = 16
 
 
 def default_split_k(n_tiles: int, n_groups: int) -> int:
