@@ -51,9 +51,10 @@ MOSAIC_BLOCK_SIZES = {"weight_only_matmul": MosaicBlockSizes,
                       "w4a4_matmul": MosaicW4A4BlockSizes,
                       "int8_matmul": MosaicScaledBlockSizes, "fp8": MosaicScaledBlockSizes}
 
-# Symmetric W4A16 through Mosaic GPU on an H200 (quantized_matmul.md, runs 14, 19, 21): with
-# the register unpack 1.56-2.33x XLA bf16 and 1.2-1.7x the Triton kernel at M = 1-16 on
-# 14336x4096, 4096x14336 and 28672x8192, slower on 4096x4096 (runs 11, 18-19). So it goes
+# Symmetric W4A16 through Mosaic GPU on an H200 (quantized_matmul.md, runs 14, 19, 21, 53):
+# with the register unpack 1.79-2.43x XLA bf16 (GPU time, run 53) and 1.2-1.7x the Triton
+# kernel at M = 1-16 on 14336x4096, 4096x14336 and 28672x8192, slower on 4096x4096 (runs
+# 11, 18-19). So it goes
 # first for up to MOSAIC_W4A16_MAX_M tokens on weights of at least MOSAIC_W4A16_MIN_WEIGHTS
 # codes; elsewhere it would need `implementation=`.
 MOSAIC_W4A16_MAX_M = 16
