@@ -31,7 +31,7 @@ import os
 import statistics
 import tempfile
 
-from bench.w4a4_timeline import intervals
+from bench.w4a4_timeline import intervals, summarize_trace
 
 PHASES = ("pipeline", "unpack", "issue", "wait", "scale", "store")
 WARMUP_MATMULS = 200
@@ -131,14 +131,8 @@ def run(out_dir: str, n: int, k: int, m: int, block_sizes=None,
   for _ in range(WARMUP_MATMULS):
     a = square(a)
   traced().block_until_ready()
-  [path] = glob.glob(os.path.join(trace_dir, "*.json"))
-  with open(path) as f:
-    summary = summarize(json.load(f), clock_ghz)
-  summary.update(n=n, k=k, m=m, block_sizes=str(bs))
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "w4a16_timeline.jsonl"), "a") as f:
-    f.write(json.dumps(summary) + "\n")
-  return summary
+  return summarize_trace(trace_dir, lambda trace: summarize(trace, clock_ghz), out_dir,
+                         "w4a16_timeline.jsonl", n=n, k=k, m=m, block_sizes=str(bs))
 
 
 def main(argv=None) -> int:

@@ -93,6 +93,20 @@ def summarize(trace: dict) -> dict:
   }
 
 
+def summarize_trace(trace_dir: str, summarize_fn, out_dir: str, jsonl_name: str,
+                    **fields) -> dict:
+  """The one trace a profiled call wrote to trace_dir, summarized, with `fields` added and
+  appended as one line to out_dir/jsonl_name."""
+  [path] = glob.glob(os.path.join(trace_dir, "*.json"))
+  with open(path) as f:
+    summary = summarize_fn(json.load(f))
+  summary.update(fields)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, jsonl_name), "a") as f:
+    f.write(json.dumps(summary) + "\n")
+  return summary
+
+
 def run(out_dir: str, n: int, k: int, m: int, n_out: int, block_sizes=None) -> dict:
   """One traced call of the kernel at N x K (the last n_out channels the int8 tail)."""
   import jax.numpy as jnp
@@ -111,15 +125,10 @@ def run(out_dir: str, n: int, k: int, m: int, n_out: int, block_sizes=None) -> d
   trace_dir = tempfile.mkdtemp(prefix="w4a4_trace_")
   mosaic_gpu.w4a4_matmul(*args, group_size=g, block_sizes=block_sizes,
                          profile_dir=trace_dir).block_until_ready()
-  [path] = glob.glob(os.path.join(trace_dir, "*.json"))
-  with open(path) as f:
-    summary = summarize(json.load(f))
-  summary.update(n=n, k=k, m=m, n_outliers=n_out, block_sizes=str(
-      block_sizes or mosaic_gpu.MosaicW4A4BlockSizes.get_default(n, m, k_main // g, n_out, g)))
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "w4a4_timeline.jsonl"), "a") as f:
-    f.write(json.dumps(summary) + "\n")
-  return summary
+  return summarize_trace(
+      trace_dir, summarize, out_dir, "w4a4_timeline.jsonl", n=n, k=k, m=m,
+      n_outliers=n_out, block_sizes=str(block_sizes or mosaic_gpu.MosaicW4A4BlockSizes
+                                        .get_default(n, m, k_main // g, n_out, g)))
 
 
 def main(argv=None) -> int:

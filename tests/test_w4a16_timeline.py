@@ -53,3 +53,18 @@ def test_programs_without_phases_are_left_out():
   trace = _trace([(0, 0, _program()), (0, 0, [("store", 0, 10)])])
   summary = w4a16_timeline.summarize(trace, clock_ghz=2.0)
   assert summary["programs"] == 1
+
+
+def test_summarize_trace_reads_the_one_trace_and_appends_a_line(tmp_path):
+  import json
+
+  from bench.w4a4_timeline import summarize_trace
+  trace_dir, out_dir = tmp_path / "trace", tmp_path / "out"
+  trace_dir.mkdir()
+  (trace_dir / "t.json").write_text(json.dumps(_trace([(0, 0, _program())])))
+  for _ in range(2):
+    summary = summarize_trace(str(trace_dir), w4a16_timeline.summarize, str(out_dir),
+                              "w4a16_timeline.jsonl", n=128)
+  assert summary["programs"] == 1 and summary["n"] == 128
+  lines = (out_dir / "w4a16_timeline.jsonl").read_text().splitlines()
+  assert [json.loads(line)["lifetime_cycles"] for line in lines] == [2640, 2640]
