@@ -297,26 +297,40 @@ def _unpack_to_wgmma_layout(codes: jax.Array) -> jax.Array:
   columns 32c + 8t + 2q + {0, 1}. So no value moves between threads; the column order
   changes, and `permute_x_register_unpack` gives x the same order.
   """
-  shape = codes.shape
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
-                     return_type=plgpu.ShapeDtypeStruct(shape, jnp.bfloat16,
-                                                        plgpu.Layout.WGMMA))
-  def unpack(_, words):
+  def bf16_pairs_unpacker():
     i32 = ir.IntegerType.get_signless(32)
     bf16 = ir.BF16Type.get()
     pair = ir.VectorType.get((2,), bf16)
-    const = lambda v: arith.constant(i32, v)
     bias = arith.constant(pair, ir.DenseElementsAttr.get_splat(
         pair, ir.FloatAttr.get(bf16, float(CODE_BIAS))))
-    out = np.empty(mgpu.WGMMA_LAYOUT.registers_shape(shape), dtype=object)
+
+    def pairs(word):                                     # registers 4c + t, t = 0..3
+      shifted = [word] + [arith.shrui(word, arith.constant(i32, 4 * t)) for t in (1, 2, 3)]
+      return [arith.subf(mgpu.utils.bitcast(_biased_pair(w), pair), bias) for w in shifted]
+    return pairs
+
+  return _unpack_words(codes, jnp.bfloat16, plgpu.Layout.WGMMA, mgpu.WGMMA_LAYOUT,
+                       bf16_pairs_unpacker, is_signed=None)
+
+
+def _unpack_words(codes: jax.Array, dtype, layout, mgpu_layout, unpacker,
+                  is_signed) -> jax.Array:
+  """The register unpacks' common frame: int4 codes [rows, k] in the WGMMA_UPCAST_4X layout,
+  each thread's 32-bit word of 8 codes per 32-column chunk c turned by `unpacker()(word)`
+  into registers r * c + 0..r-1 of `mgpu_layout`, in the thread that holds the word.
+  `unpacker` is called once, inside the kernel, so that its constants are made once."""
+  shape = codes.shape
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
+                     return_type=plgpu.ShapeDtypeStruct(shape, dtype, layout))
+  def unpack(_, words):
+    registers_of = unpacker()
+    out = np.empty(mgpu_layout.registers_shape(shape), dtype=object)
     for idx, reg in np.ndenumerate(words.registers):   # idx[1]: the 32-column chunk
-      word = mgpu.utils.bitcast(reg, i32)
-      for t in range(4):
-        shifted = arith.shrui(word, const(4 * t)) if t else word
-        biased = mgpu.utils.bitcast(_biased_pair(shifted), pair)
-        out[(idx[0], 4 * idx[1] + t, *idx[2:])] = arith.subf(biased, bias)
-    return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+      registers = registers_of(mgpu.utils.bitcast(reg, ir.IntegerType.get_signless(32)))
+      for t, register in enumerate(registers):
+        out[(idx[0], len(registers) * idx[1] + t, *idx[2:])] = register
+    return mgpu.FragmentedArray(_registers=out, _layout=mgpu_layout, _is_signed=is_signed)
 
   return unpack(codes)
 
@@ -852,28 +866,20 @@ def _unpack_int4_to_int8(codes: jax.Array) -> jax.Array:
   value moves between threads; x takes the same column order
   (`permute_x_register_weights`).
   """
-  shape = codes.shape
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
-                     return_type=plgpu.ShapeDtypeStruct(shape, jnp.int8,
-                                                        plgpu.Layout.WGMMA_8BIT))
-  def unpack(_, words):
+  def int8_quads_unpacker():
     i32 = ir.IntegerType.get_signless(32)
     quad = ir.VectorType.get((4,), ir.IntegerType.get_signless(8))
     high_nibbles = arith.constant(i32, 0xF0F0F0F0 - (1 << 32))
-    out = np.empty(mgpu.fragmented_array.WGMMA_LAYOUT_8BIT.registers_shape(shape),
-                   dtype=object)
-    for idx, reg in np.ndenumerate(words.registers):   # idx[1]: the 32-column chunk
-      word = mgpu.utils.bitcast(reg, i32)
+
+    def quads(word):                                     # registers 2c (even), 2c + 1 (odd)
       even = arith.andi(arith.shli(word, arith.constant(i32, 4)), high_nibbles)
       odd = arith.andi(word, high_nibbles)
-      out[(idx[0], 2 * idx[1], *idx[2:])] = mgpu.utils.bitcast(even, quad)
-      out[(idx[0], 2 * idx[1] + 1, *idx[2:])] = mgpu.utils.bitcast(odd, quad)
-    return mgpu.FragmentedArray(_registers=out,
-                                _layout=mgpu.fragmented_array.WGMMA_LAYOUT_8BIT,
-                                _is_signed=True)
+      return [mgpu.utils.bitcast(even, quad), mgpu.utils.bitcast(odd, quad)]
+    return quads
 
-  return unpack(codes)
+  return _unpack_words(codes, jnp.int8, plgpu.Layout.WGMMA_8BIT,
+                       mgpu.fragmented_array.WGMMA_LAYOUT_8BIT, int8_quads_unpacker,
+                       is_signed=True)
 
 
 def _w4a4_register_weights(x_codes, x_scales, w_codes, w_scales, x_out, x_out_scales,
