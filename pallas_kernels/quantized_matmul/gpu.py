@@ -256,18 +256,30 @@ def _weight_only_kernel(*refs, bits: int, g: int, m: int, n: int, bs: BlockSizes
                 mask=jnp.broadcast_to(omask, acc.shape))
 
 
-def _split_k_output(kernel, args: list, split_k: int, shape, padded, dtype):
-  """(kernel, out_shape, input_output_aliases) of a pallas_call whose grid may split K.
+def _split_k_call(kernel, args: list, bs, tiles: int, shape, padded, dtype, *, name: str,
+                  interpret) -> jax.Array:
+  """pallas_call of `kernel` over the grid (tiles, bs.split_k): the output [shape] in dtype.
 
   With split_k > 1 the K splits sum their fp32 partials in place with atomics: a zero
   buffer padded to whole blocks is appended to `args` and aliased to the output (rows and
   columns past the edge only ever receive masked zero codes and are sliced off after).
   """
-  if split_k == 1:
-    return kernel, jax.ShapeDtypeStruct(shape, dtype), {}
-  args.append(jnp.zeros(padded, jnp.float32))
-  return (lambda *refs: kernel(*refs[:-2], refs[-1]),
-          jax.ShapeDtypeStruct(padded, jnp.float32), {len(args) - 1: 0})
+  out_shape, aliases = jax.ShapeDtypeStruct(shape, dtype), {}
+  if bs.split_k > 1:
+    args = [*args, jnp.zeros(padded, jnp.float32)]
+    split_kernel = kernel
+    kernel = lambda *refs: split_kernel(*refs[:-2], refs[-1])  # the zeros are the output
+    out_shape, aliases = jax.ShapeDtypeStruct(padded, jnp.float32), {len(args) - 1: 0}
+  out = pl.pallas_call(
+      kernel,
+      out_shape=out_shape,
+      grid=(tiles, bs.split_k),
+      input_output_aliases=aliases,
+      compiler_params=_compiler_params(bs),
+      interpret=interpret,
+      name=name,
+  )(*args)
+  return out[:shape[0], :shape[1]].astype(dtype)
 
 
 # Decode GEMV (M <= 16): the CUDA cores, 32-bit code words, f32 math.
@@ -367,18 +379,10 @@ def _weight_only_gemv(x, codes, scales, zeros, *, group_size: int, bs: BlockSize
   words = lax.bitcast_convert_type(codes.reshape(n, k // 8, 4), jnp.int32)
   args = [x.reshape(m, k // g, 2, g // 8, 4), words.reshape(n, k // g, g // 8), scales]
   args += [] if symmetric else [zeros]
-  kernel_fn, out_shape, aliases = _split_k_output(
-      kernel, args, bs.split_k, (m, n), (m, pl.cdiv(n, bs.block_n) * bs.block_n), x.dtype)
-  out = pl.pallas_call(
-      kernel_fn,
-      out_shape=out_shape,
-      grid=(pl.cdiv(n, bs.block_n), bs.split_k),
-      input_output_aliases=aliases,
-      compiler_params=_compiler_params(bs),
-      interpret=interpret,
-      name=f"w4a16_gemv_g{g}_{'sym' if symmetric else 'asym'}",
-  )(*args)
-  return out[:, :n].astype(x.dtype)
+  return _split_k_call(kernel, args, bs, pl.cdiv(n, bs.block_n), (m, n),
+                       (m, pl.cdiv(n, bs.block_n) * bs.block_n), x.dtype,
+                       name=f"w4a16_gemv_g{g}_{'sym' if symmetric else 'asym'}",
+                       interpret=interpret)
 
 
 def check_weight_only(x, codes, scales, zeros, *, bits: int, group_size: int,
@@ -445,18 +449,9 @@ def weight_only_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array,
     x = x.reshape(m, k // 2, 2)
   args = [x, codes, scales] + ([] if symmetric else [zeros])
   padded = (pl.cdiv(m, bs.block_m) * bs.block_m, pl.cdiv(n, bs.block_n) * bs.block_n)
-  kernel_fn, out_shape, aliases = _split_k_output(kernel, args, bs.split_k, (m, n),
-                                                      padded, x.dtype)
-  out = pl.pallas_call(
-      kernel_fn,
-      out_shape=out_shape,
-      grid=(tiles, bs.split_k),
-      input_output_aliases=aliases,
-      compiler_params=_compiler_params(bs),
-      interpret=interpret,
-      name=f"w{bits}a16_g{group_size}_{'sym' if symmetric else 'asym'}",
-  )(*args)
-  return out[:m, :n].astype(x.dtype)
+  return _split_k_call(kernel, args, bs, tiles, (m, n), padded, x.dtype,
+                       name=f"w{bits}a16_g{group_size}_{'sym' if symmetric else 'asym'}",
+                       interpret=interpret)
 
 
 # ---------------------------------------------------------------------------------------
@@ -519,18 +514,8 @@ def _scaled_mm(x, xs, w, ws, *, op: str, acc_dtype, out_dtype, block_sizes, inte
                              acc_dtype=acc_dtype)
   args = [x, xs, w, ws]
   padded = (pl.cdiv(m, bs.block_m) * bs.block_m, pl.cdiv(n, bs.block_n) * bs.block_n)
-  kernel_fn, out_shape, aliases = _split_k_output(kernel, args, bs.split_k, (m, n), padded,
-                                                  out_dtype)
-  out = pl.pallas_call(
-      kernel_fn,
-      out_shape=out_shape,
-      grid=(tiles, bs.split_k),
-      input_output_aliases=aliases,
-      compiler_params=_compiler_params(bs),
-      interpret=interpret,
-      name=f"{op}_matmul",
-  )(*args)
-  return out[:m, :n].astype(out_dtype)
+  return _split_k_call(kernel, args, bs, tiles, (m, n), padded, out_dtype,
+                       name=f"{op}_matmul", interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_sizes", "interpret"))
