@@ -41,6 +41,25 @@ def _params(n_grid: int):
   return pltpu.CompilerParams(dimension_semantics=semantics)
 
 
+def _tiled_call(kernel, args, in_specs, *, shape, padded, block, k_blocks: int, out_dtype,
+                acc_dtype, name: str, interpret):
+  """pallas_call over (M tiles, N tiles, K blocks) writing the padded [mp, np_] output in
+  `block` (bm, bn) tiles from a VMEM accumulator of acc_dtype; sliced back to [m, n]."""
+  (m, n), (mp, np_), (bm, bn) = shape, padded, block
+  out = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+      grid=(mp // bm, np_ // bn, k_blocks),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
+      scratch_shapes=[pltpu.VMEM((bm, bn), acc_dtype)],
+      compiler_params=_params(3),
+      interpret=interpret,
+      name=name,
+  )(*args)
+  return out[:m, :n]
+
+
 def _pad_to(a, shape, value):
   pads = [(0, t - s) for s, t in zip(a.shape, shape)]
   if not any(p for _, p in pads):
@@ -149,18 +168,9 @@ def weight_only_matmul(x, codes, scales, zeros=None, *, bits: int, group_size: i
     in_specs.append(row_spec)
   kernel = functools.partial(_weight_only_kernel, bits=bits, g=group_size, bk=bk,
                              symmetric=symmetric, f32_math=x.dtype == jnp.float32)
-  out = pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((mp, np_), x.dtype),
-      grid=(mp // bm, np_ // bn, k // bk),
-      in_specs=in_specs,
-      out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
-      scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
-      compiler_params=_params(3),
-      interpret=interpret,
-      name=f"w{bits}a16_g{group_size}_tpu",
-  )(*args)
-  return out[:m, :n]
+  return _tiled_call(kernel, args, in_specs, shape=(m, n), padded=(mp, np_), block=(bm, bn),
+                     k_blocks=k // bk, out_dtype=x.dtype, acc_dtype=jnp.float32,
+                     name=f"w{bits}a16_g{group_size}_tpu", interpret=interpret)
 
 
 # ---------------------------------------------------------------------------------------
@@ -200,21 +210,13 @@ def int8_matmul(x_codes, x_scales, w_codes, w_scales, *, out_dtype=jnp.bfloat16,
   mp, np_ = pl.cdiv(m, bm) * bm, pl.cdiv(n, bn) * bn
   args = (_pad_to(x_codes, (mp, k), 0), _pad_to(x_scales, (mp, 1), pad_value),
           _pad_to(w_codes, (np_, k), 0), _pad_to(w_scales.T, (1, np_), pad_value))
-  out = pl.pallas_call(
-      _int8_kernel,
-      out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
-      grid=(mp // bm, np_ // bn, k // bk),
-      in_specs=[pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)),
-                pl.BlockSpec((bm, 1), lambda i, j, kk: (i, 0)),
-                pl.BlockSpec((bn, bk), lambda i, j, kk: (j, kk)),
-                pl.BlockSpec((1, bn), lambda i, j, kk: (0, j))],
-      out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
-      scratch_shapes=[pltpu.VMEM((bm, bn), jnp.int32)],
-      compiler_params=_params(3),
-      interpret=interpret,
-      name="int8_matmul_tpu",
-  )(*args)
-  return out[:m, :n]
+  in_specs = [pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)),
+              pl.BlockSpec((bm, 1), lambda i, j, kk: (i, 0)),
+              pl.BlockSpec((bn, bk), lambda i, j, kk: (j, kk)),
+              pl.BlockSpec((1, bn), lambda i, j, kk: (0, j))]
+  return _tiled_call(_int8_kernel, args, in_specs, shape=(m, n), padded=(mp, np_),
+                     block=(bm, bn), k_blocks=k // bk, out_dtype=out_dtype,
+                     acc_dtype=jnp.int32, name="int8_matmul_tpu", interpret=interpret)
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,15 +297,6 @@ def w4a4_matmul(x_codes, x_scales, w_codes, w_scales, x_out=None, x_out_scales=N
                  pl.BlockSpec((bn, n_out), lambda i, j, kk: (j, 0)),
                  pl.BlockSpec((1, bn), lambda i, j, kk: (0, j))]
   kernel = functools.partial(_w4a4_kernel, g=group_size, bk=bk, n_out=n_out)
-  out = pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
-      grid=(mp // bm, np_ // bn, k_main // bk),
-      in_specs=in_specs,
-      out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
-      scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
-      compiler_params=_params(3),
-      interpret=interpret,
-      name=f"w4a4_g{group_size}_tpu",
-  )(*args)
-  return out[:m, :n]
+  return _tiled_call(kernel, args, in_specs, shape=(m, n), padded=(mp, np_), block=(bm, bn),
+                     k_blocks=k_main // bk, out_dtype=out_dtype, acc_dtype=jnp.float32,
+                     name=f"w4a4_g{group_size}_tpu", interpret=interpret)
