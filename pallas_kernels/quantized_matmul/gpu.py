@@ -245,15 +245,19 @@ def _weight_only_kernel(*refs, bits: int, g: int, m: int, n: int, bs: BlockSizes
   if bs.weights_lhs:
     acc = acc.T
   omask = _and_masks(xmask, None if cmask is None else cmask[None, :])
-  idx = (pl.ds(m0, bm), pl.ds(n0, bn))
-  if bs.split_k > 1:
-    # The fp32 output is padded to whole blocks, so the atomics need no mask.
-    plgpu.atomic_add(o_ref, idx, acc)
-  elif omask is None:
-    o_ref[idx] = acc.astype(o_ref.dtype)
+  _store_tile(o_ref, (pl.ds(m0, bm), pl.ds(n0, bn)), acc, omask, bs.split_k)
+
+
+def _store_tile(o_ref, idx, tile, mask, split_k: int) -> None:
+  """Writes a float32 output tile: added with atomics into the fp32 output when K is split
+  (padded to whole blocks, so no mask), else stored in o_ref's dtype under `mask`."""
+  if split_k > 1:
+    plgpu.atomic_add(o_ref, idx, tile)
+  elif mask is None:
+    o_ref[idx] = tile.astype(o_ref.dtype)
   else:
-    plgpu.store(o_ref.at[idx], acc.astype(o_ref.dtype),
-                mask=jnp.broadcast_to(omask, acc.shape))
+    plgpu.store(o_ref.at[idx], tile.astype(o_ref.dtype),
+                mask=jnp.broadcast_to(mask, tile.shape))
 
 
 def _split_k_call(kernel, args: list, bs, tiles: int, shape, padded, dtype, *, name: str,
@@ -357,12 +361,7 @@ def _weight_only_gemv_kernel(*refs, m: int, n: int, bs: BlockSizes,
                        tuple(jnp.zeros((bn,), jnp.float32) for _ in range(m)))
   for r in range(m):
     idx = (jnp.int32(r), pl.ds(n0, bn))  # a traced row index (the interpreter wants one)
-    if bs.split_k > 1:  # the f32 output is padded to whole blocks (no mask)
-      plgpu.atomic_add(o_ref, idx, accs[r])
-    elif nmask is None:
-      o_ref[idx] = accs[r].astype(o_ref.dtype)
-    else:
-      plgpu.store(o_ref.at[idx], accs[r].astype(o_ref.dtype), mask=nmask)
+    _store_tile(o_ref, idx, accs[r], nmask, bs.split_k)
 
 
 def _weight_only_gemv(x, codes, scales, zeros, *, group_size: int, bs: BlockSizes,
@@ -485,19 +484,11 @@ def _scaled_mm_kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, m: int, n: int, k:
     acc = step(k0, acc, kmask)
   xs = _load(xs_ref, (pl.ds(m0, bm), 0), rmask)
   ws = _load(ws_ref, (pl.ds(n0, bn), 0), cmask)
+  # The rescale is linear: with split-K each split adds its rescaled partial.
   out = acc.astype(jnp.float32) * xs[:, None] * ws[None, :]
-  idx = (pl.ds(m0, bm), pl.ds(n0, bn))
   omask = _and_masks(None if rmask is None else rmask[:, None],
                      None if cmask is None else cmask[None, :])
-  if bs.split_k > 1:
-    # The rescale is linear: each split adds its rescaled partial into the fp32 output,
-    # padded to whole blocks (no mask needed).
-    plgpu.atomic_add(o_ref, idx, out)
-  elif omask is None:
-    o_ref[idx] = out.astype(o_ref.dtype)
-  else:
-    plgpu.store(o_ref.at[idx], out.astype(o_ref.dtype),
-                mask=jnp.broadcast_to(omask, out.shape))
+  _store_tile(o_ref, (pl.ds(m0, bm), pl.ds(n0, bn)), out, omask, bs.split_k)
 
 
 def _scaled_mm(x, xs, w, ws, *, op: str, acc_dtype, out_dtype, block_sizes, interpret):
