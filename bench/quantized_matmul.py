@@ -29,6 +29,9 @@ Usage (GPU):  PYTHONUNBUFFERED=1 python3 -m bench.quantized_matmul --out $OUT
   --mosaic-configs 1,5 --w4a4-configs 1,3    time only these Mosaic GPU tilings;
   --only check,mosaic_device         the W4A16 decode candidates as GPU kernel time per
                                      call from a profiler trace, with each op's kernels;
+  --only check,mosaic_w4a4_decode    Atom W4A4 at M = 1, 4, 16 the same way: XLA bf16,
+                                     Triton, the Mosaic default and the product on the
+                                     W4A16 kernel (`decode_tiling`);
   --only profile, profile_mosaic     a few plain calls for Nsight Compute (run with
                                      XLA_PYTHON_CLIENT_PREALLOCATE=false under ncu).
 CPU smoke test on tiny shapes (interpret mode):  python3 -m bench.quantized_matmul --tiny
@@ -213,6 +216,8 @@ def mosaic_label(bs):
 
 
 def mosaic_w4a4_label(bs):
+  if bs.decode_tiling is not None:
+    return f"mosaic[on the W4A16 kernel: {mosaic_label(bs.decode_tiling)[len('mosaic['):]}"
   x8 = " x8" if bs.x_int8 else ""
   rw = " rw" if bs.register_weights else ""
   gps = f" gps{bs.groups_per_step}" if bs.groups_per_step > 1 else ""
@@ -253,7 +258,31 @@ MOSAIC_W4A4_CHECKS = [  # m, n, k_main, n_out, block sizes
     (77, 512, 1792, 128, MOSAIC_W4A4_CONFIGS[9]),
     (200, 384, 512, 64, MOSAIC_W4A4_CONFIGS[7]),
     (300, 256, 512, 0, MOSAIC_W4A4_CONFIGS[8]),
+    # a few tokens on the W4A16 kernel (decode_tiling), the int8 tail by XLA
+    (1, 4096, 3968, 128, _w4a4(decode_tiling=mosaic_gpu.MosaicBlockSizes.get_default(
+        4096, 3968))),
+    (16, 14336, 3968, 128, _w4a4(decode_tiling=mosaic_gpu.MosaicBlockSizes(
+        block_n=64, max_concurrent_steps=6, split_k=1, register_unpack=True))),
+    (4, 512, 1792, 256, _w4a4(decode_tiling=mosaic_gpu.MosaicBlockSizes(
+        block_n=64, max_concurrent_steps=4, split_k=7, register_unpack=True))),
+    (13, 1024, 4096, 0, _w4a4(decode_tiling=mosaic_gpu.MosaicBlockSizes.get_default(
+        1024, 4096))),
 ]
+
+
+def w4a4_decode_tilings(n, k_main, g=128):
+  """W4A16-kernel tilings for Atom W4A4 at a few tokens (`decode_tiling`): the W4A16
+  default for K_main (one group per step where the 128-channel tail leaves an odd group
+  count), a deeper ring without split-K, and split-K by the largest divisor of the group
+  count up to 16 (31 groups have none but 1)."""
+  n_groups = k_main // g
+  divisor = max(d for d in range(1, 17) if n_groups % d == 0)
+  tilings = [mosaic_gpu.MosaicBlockSizes.get_default(n, k_main, g),
+             mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=6, split_k=1,
+                                         register_unpack=True),
+             mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=4,
+                                         split_k=divisor, register_unpack=True)]
+  return [_w4a4(decode_tiling=t) for t in dict.fromkeys(tilings)]
 
 
 def mosaic_scaled_label(bs):
@@ -808,6 +837,53 @@ class Bench:
                         spread=res[1])
 
 
+  def w4a4_decode_device(self, shapes, ms, n_out=128, g=128, calls=64):
+    """Atom W4A4 (+ n_out int8 outliers) at a few tokens, as GPU kernel time per call
+    (`common.device_kernel_times`): XLA bf16, the Triton kernel, the Mosaic W4A4 default,
+    and the product on the W4A16 kernel (`w4a4_decode_tilings`), each checked against the
+    reference first."""
+    for (n, k) in shapes:
+      k_main = k - n_out
+      ws = [rand_w4a4(n, k_main, n_out, g, i, "w") for i in range(MOSAIC_ROTATIONS)]
+      wb = [jax.random.normal(_key("wb", n, k, i), (n, k), jnp.bfloat16)
+            for i in range(rotations(2 * n * k, cap=MOSAIC_ROTATIONS))]
+      for m in ms:
+        xa = [rand_w4a4(m, k_main, n_out, g, i) for i in range(MOSAIC_ROTATIONS)]
+        xb = [rand_x(m, k, i) for i in range(MOSAIC_ROTATIONS)]
+        case = {"op": "w4a4", "m": m, "n": n, "k": k, "n_outliers": n_out, "group_size": g,
+                "timing": "profiler kernel time per call"}
+        flops = 2 * m * n * k
+        nbytes = n * k_main // 2 + n * n_out + 4 * n * (k_main // g + 1) + m * k + 2 * m * n
+        base = self.guarded(f"bf16 device M={m} {n}x{k}", lambda: common.device_kernel_times(
+            xla_bf16, [(x, wb[i % len(wb)]) for i, x in enumerate(xb)], calls=calls))
+        if base is None:
+          continue
+        self.record({**case, "op": "bf16"}, "xla_bf16", "xla_bf16", base[0], base[0], flops,
+                    2 * n * k + 2 * m * k + 2 * m * n, kernels=_kernel_us(base[1]))
+        sets = [(xa[i][0], xa[i][1], ws[i][0], ws[i][1], xa[i][2], xa[i][3], ws[i][2],
+                 ws[i][3]) for i in range(MOSAIC_ROTATIONS)]
+        want = reference.w4a4_matmul(*sets[0], group_size=g)
+        candidates = [("pallas_gpu", functools.partial(gpu.w4a4_matmul, group_size=g)),
+                      ("mosaic default", functools.partial(mosaic_gpu.w4a4_matmul,
+                                                           group_size=g))]
+        candidates += [(mosaic_w4a4_label(bs), functools.partial(
+            mosaic_gpu.w4a4_matmul, group_size=g, block_sizes=bs))
+            for bs in w4a4_decode_tilings(n, k_main, g)]
+        for label, op in candidates:
+          err = self.guarded(f"w4a4 {label} M={m} {n}x{k}",
+                             lambda: rel_err(op(*sets[0]), want))
+          if err is None or not err <= CHECK_TOLERANCE:
+            self.failures.append(f"w4a4 {label} M={m} {n}x{k}: rel_err={err}")
+            continue
+          res = self.guarded(f"w4a4 {label} device M={m} {n}x{k}",
+                             lambda: common.device_kernel_times(op, sets, calls=calls))
+          if res:
+            kernels = _kernel_us(res[1])
+            self.record(case, label, "xla_bf16", res[0], base[0], flops, nbytes,
+                        kernels=kernels, rel_err=err)
+            print("    kernels (us/call):", kernels, flush=True)
+
+
 def profile_decode(n=14336, k=4096, g=128, m=1, calls=3):
   """A few plain calls of the W4A16 decode kernel (default blocks) and of XLA's bf16 dot,
   for Nsight Compute: `ncu --kernel-name regex:w4a16 ... -m bench.quantized_matmul
@@ -919,6 +995,15 @@ def main(argv=None):
                     only_shapes or [(14336, 4096), (28672, 8192), (4096, 14336)],
                     [1, 20] if args.tiny else [int(v) for v in (args.ms or "1,4,16").split(",")])
     print(f"[mosaic_device done at {time.time() - t0:.0f}s]", flush=True)
+  if "mosaic_w4a4_decode" in only:
+    b.w4a4_decode_device([(256, 512)] if args.tiny else
+                         only_shapes or [(14336, 4096), (4096, 14336), (4096, 4096),
+                                         (28672, 8192)],
+                         [1, 20] if args.tiny else [int(v) for v in (args.ms or "1,4,16")
+                                                    .split(",")],
+                         n_out=64 if args.tiny else args.w4a4_outliers,
+                         g=64 if args.tiny else 128)
+    print(f"[mosaic_w4a4_decode done at {time.time() - t0:.0f}s]", flush=True)
   if "mosaic_w4a4" in only:
     b.w4a4(only_shapes or shapes[:2], [1024, 4096] if not args.tiny else [33],
            n_out=64 if args.tiny else args.w4a4_outliers, g=64 if args.tiny else 128,

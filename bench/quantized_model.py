@@ -115,9 +115,23 @@ class _SplitK8BlockSizes(mosaic_gpu.MosaicBlockSizes):
     return bs
 
 
+class _DecodeOnW4A16KernelBlockSizes(mosaic_gpu.MosaicW4A4BlockSizes):
+  """The Mosaic W4A4 default, with up to 16 tokens on the W4A16 kernel (`decode_tiling`,
+  its default tiling for K_main; for w4a4/decode_on_w4a16_kernel)."""
+
+  @classmethod
+  def get_default(cls, n, m, n_groups=1, n_out=0, group_size=128):
+    if m > 16:
+      return super().get_default(n, m, n_groups, n_out, group_size)
+    return cls(decode_tiling=mosaic_gpu.MosaicBlockSizes.get_default(
+        n, n_groups * group_size, group_size))
+
+
 VARIANTS = {"w8a8/xla_quantizer": ("w8a8", xla_quantizer),
             "w4a4/triton": ("w4a4", lambda: common.patched(
                 (lowbit_nn, "W4A4_KERNELS", {**lowbit_nn.W4A4_KERNELS, "gpu": ("pallas_gpu",)}))),
+            "w4a4/decode_on_w4a16_kernel": ("w4a4", lambda: common.patched(
+                (mosaic_gpu, "MosaicW4A4BlockSizes", _DecodeOnW4A16KernelBlockSizes))),
             "w4a16/triton": ("w4a16", lambda: common.patched((qmm_api, "MOSAIC_W4A16_MAX_M", 0))),
             "w4a16/direct_scales": ("w4a16", lambda: common.patched(
                 (mosaic_gpu, "MosaicBlockSizes", _DirectScalesBlockSizes))),

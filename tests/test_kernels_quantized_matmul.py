@@ -426,6 +426,17 @@ def test_mosaic_gpu_profile_refused_by_the_layout_cast_unpack(tmp_path):
     (5, 256, 512, 0, 64, MosaicW4A4BlockSizes(block_m=32, max_concurrent_steps=3,
                                               register_weights=True)),
     (5, 128, 512, 0, 256, MosaicW4A4BlockSizes(block_m=32, register_weights=True)),
+    # A few tokens on the W4A16 kernel (decode_tiling), the int8 tail by XLA (any width).
+    (1, 128, 512, 128, 128, MosaicW4A4BlockSizes(decode_tiling=MosaicBlockSizes(
+        block_n=64, split_k=2, groups_per_step=2, max_concurrent_steps=2,
+        register_unpack=True))),
+    (5, 192, 1024, 24, 64, MosaicW4A4BlockSizes(decode_tiling=MosaicBlockSizes(
+        block_n=64, split_k=4, register_unpack=True))),
+    (16, 128, 512, 0, 128, MosaicW4A4BlockSizes(
+        decode_tiling=MosaicBlockSizes.get_default(128, 512, 128))),
+    (9, 256, 1024, 64, 128, MosaicW4A4BlockSizes(decode_tiling=MosaicBlockSizes(
+        block_n=128, split_k=2, groups_per_step=2, register_unpack=True,
+        direct_scales=True))),
 ])
 def test_mosaic_gpu_w4a4_interpret(m, n, k_main, n_out, g, bs):
   args = random_w4a4(("mw4a4", m, n, g), m, n, k_main, n_out, g)
@@ -443,6 +454,14 @@ def test_mosaic_gpu_w4a4_refuses_and_lowers():
     mosaic_gpu.w4a4_matmul(*args[:4], block_sizes=MosaicW4A4BlockSizes(block_n=96))
   with pytest.raises(ValueError, match="block_m=32"):
     MosaicW4A4BlockSizes(block_m=32)
+  with pytest.raises(ValueError, match="needs register_unpack=True"):
+    MosaicW4A4BlockSizes(decode_tiling=MosaicBlockSizes())
+  on_w4a16 = MosaicW4A4BlockSizes(decode_tiling=MosaicBlockSizes(register_unpack=True))
+  with pytest.raises(NotImplementedError, match="M=65"):
+    mosaic_gpu.w4a4_matmul(*random_w4a4(("mw4a4m",), 65, 128, 256, 0, 128)[:4],
+                           block_sizes=on_w4a16)
+  with pytest.raises(ValueError, match="profile_dir='/tmp/t' traces the register-weights"):
+    mosaic_gpu.w4a4_matmul(*args[:4], block_sizes=on_w4a16, profile_dir="/tmp/t")
   with pytest.raises(ValueError, match="block_n=64 must be 128"):
     MosaicW4A4BlockSizes(block_n=64, register_weights=True)
   with pytest.raises(ValueError, match="block_m=48"):
@@ -464,9 +483,14 @@ def test_mosaic_gpu_w4a4_refuses_and_lowers():
   # 30 groups and no tail, for two groups per step.
   even_shapes = (sds((1000, 1920), I8), sds((1000, 30), F32), sds((4096, 1920), I8),
                  sds((4096, 30), F32))
+  decode_shapes = (sds((4, 1984), I8), sds((4, 31), F32), sds((4096, 1984), I8),
+                   sds((4096, 31), F32), sds((4, 128), I8), sds((4, 1), F32),
+                   sds((4096, 128), I8), sds((4096, 1), F32))
+  on_w4a16 = MosaicW4A4BlockSizes(decode_tiling=MosaicBlockSizes.get_default(4096, 3968))
   for bs, operands in ((None, shapes),  # the register-weights kernel, 4 steps
                        (MosaicW4A4BlockSizes(block_m=64, block_n=128, x_int8=True), shapes),
-                       (None, even_shapes)):  # two groups per step
+                       (None, even_shapes),  # two groups per step
+                       (on_w4a16, decode_shapes)):  # 31 groups: one per step
     fn = functools.partial(mosaic_gpu.w4a4_matmul, group_size=128, block_sizes=bs)
     text = jax.jit(fn).trace(*operands).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.experimental.mosaic.gpu as mgpu
@@ -379,8 +380,13 @@ def kernel_operands(x: jax.Array, codes: jax.Array, scales: jax.Array, *, group_
 
 def partial_products(x_operand: jax.Array, w4: jax.Array, scales: jax.Array, *,
                      group_size: int, block_sizes: MosaicBlockSizes, interpret=False,
-                     profile_dir: str | None = None) -> jax.Array:
+                     profile_dir: str | None = None,
+                     token_scales: jax.Array | None = None) -> jax.Array:
   """The kernel: float32 partial products [split_k, N, mp] from `kernel_operands`.
+
+  `token_scales` (register unpack; from `token_scale_operand`): each group's partial is
+  also scaled per token, for Atom W4A4's activation group scales (`w4a4_matmul` with
+  `MosaicW4A4BlockSizes.decode_tiling`).
 
   `profile_dir` (register unpack, on the GPU): Mosaic GPU's profiler writes a trace of
   each program's phases there, in cycles: "pipeline" (from before the first loads to
@@ -392,6 +398,9 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales: jax.Array, *,
   if profile_dir and not bs.register_unpack:
     raise ValueError(f"profile_dir={profile_dir!r} traces the register unpack only; "
                      f"block_sizes={bs} has register_unpack=False")
+  if token_scales is not None and not bs.register_unpack:
+    raise ValueError(f"token_scales need the register unpack; block_sizes={bs} has "
+                     "register_unpack=False")
   g = group_size
   n, k = w4.shape
   mp = x_operand.shape[1] if interpret else x_operand.shape[0]
@@ -405,7 +414,8 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales: jax.Array, *,
   swizzled = functools.partial(_smem_transforms, interpret)
   in_layout = functools.partial(_in_layout, interpret)
 
-  def w4a16_mosaic_kernel(w_gmem, x_gmem, s_gmem, o_gmem, *scratch):
+  def w4a16_mosaic_kernel(w_gmem, x_gmem, s_gmem, *refs):
+    t_gmem, o_gmem, *scratch = refs if token_scales is not None else (None, *refs)
     w_staging = scratch[0] if interpret else None
     tile = lax.axis_index("n")
     part = lax.axis_index("k")
@@ -457,7 +467,9 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales: jax.Array, *,
         plgpu.wgmma_wait(0)
 
     def unpacked_step(indices, w_smem, x_smem, *rest):
-      *s_smem, total = rest
+      *smem_refs, total = rest
+      s_smem = smem_refs[:1] if not bs.direct_scales else []   # [per_step, bn] f32
+      t_smem = smem_refs[-1] if token_scales is not None else None  # [per_step, mp'] f32
       # Every group's wgmma of the step is issued before any partial is read, so the
       # unpack of group j + 1 runs while group j's wgmma does.
       step_scales = [group_scales(indices, j, *s_smem) for j in range(per_step)]
@@ -477,8 +489,13 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales: jax.Array, *,
 
       partials = pl.run_scoped(mma_all, *[plgpu.ACC((bs.block_n, mp))] * per_step)
       with jax.named_scope("scale"):
-        for partial, row_scales in zip(partials, step_scales):   # f32 [bn, mp] x [bn]
-          total = total + partial * lax.broadcast_in_dim(row_scales, partial.shape, [0])
+        for j, (partial, row_scales) in enumerate(zip(partials, step_scales)):
+          scaled = partial * lax.broadcast_in_dim(row_scales, partial.shape, [0])  # [bn, mp]
+          if t_smem is not None:
+            cols = _row_vector(interpret, t_smem.at[pl.ds(j, 1), pl.ds(0, mp)],
+                               plgpu.Layout.WGMMA.reduce(0))                    # [mp]
+            scaled = scaled * lax.broadcast_in_dim(cols, partial.shape, [1])
+          total = total + scaled
       return total
 
     in_specs = [
@@ -493,6 +510,10 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales: jax.Array, *,
       in_specs.append(plgpu.BlockSpec((per_step, bs.block_n),
                                       lambda i: (part * steps + i, 0)))
       operand_refs.append(s_gmem.at[:, rows])
+    if token_scales is not None:
+      in_specs.append(plgpu.BlockSpec((per_step, token_scales.shape[1]),
+                                      lambda i: (part * steps + i, 0)))
+      operand_refs.append(t_gmem)
     if bs.register_unpack:
       with jax.named_scope("pipeline"):
         acc = plgpu.emit_pipeline(
@@ -535,7 +556,17 @@ def partial_products(x_operand: jax.Array, w4: jax.Array, scales: jax.Array, *,
       scratch_types=[plgpu.SMEM((bs.block_n, g), jnp.bfloat16)] if interpret else [],
       interpret=interpret,
       **profile,
-  )(w4, x_operand, scales)
+  )(w4, x_operand, scales, *(() if token_scales is None else (token_scales,)))
+
+
+def token_scale_operand(x_scales: jax.Array, mp: int, groups_per_step: int) -> jax.Array:
+  """Per-token group scales [M, G] -> f32 [G, mp'] for `partial_products(token_scales=)`:
+  one group's scales a row, the tokens padded with zeros to mp' >= mp so that a step's
+  rows are a multiple of 128 bytes, as a TMA copy must be."""
+  m = x_scales.shape[0]
+  unit = 32 // math.gcd(groups_per_step, 32)               # f32 per 128 B of a step's rows
+  padded = -(-mp // unit) * unit
+  return jnp.pad(x_scales.astype(jnp.float32).T, ((0, 0), (0, padded - m)))
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "block_sizes", "interpret"))
@@ -590,6 +621,12 @@ class MosaicW4A4BlockSizes:
       2, both groups' wgmmas are issued before the first partial is read, so the second
       group's unpack and the first one's rescale overlap a wgmma. Must divide the group
       count.
+    decode_tiling: for a few tokens (decode), run the 4-bit product on the W4A16 kernel
+      (`weight_only_matmul`'s, register unpack) with this tiling instead: XLA unpacks the
+      activation codes to bf16 (exact for 4-bit codes), the kernel takes each group's
+      float32 partial (exact: integer products and sums below 2^24) times w_scale x
+      act_scale, and XLA adds the int8 tail. The other fields are then unused. The W4A4
+      kernels' tiles hold 64 or 128 tokens; this one pads the tokens to 8.
   """
   block_m: int = 64
   block_n: int = 128
@@ -597,8 +634,11 @@ class MosaicW4A4BlockSizes:
   x_int8: bool = False
   register_weights: bool = False
   groups_per_step: int = 1
+  decode_tiling: MosaicBlockSizes | None = None
 
   def __post_init__(self):
+    if self.decode_tiling is not None and not self.decode_tiling.register_unpack:
+      raise ValueError(f"decode_tiling={self.decode_tiling} needs register_unpack=True")
     if self.register_weights:
       if self.block_n != W4A4_ROWS_PER_WG * W4A4_COMPUTE_WGS:
         raise ValueError(f"block_n={self.block_n} must be "
@@ -714,12 +754,23 @@ def w4a4_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
   `profile_dir` (second kernel, on the GPU): Mosaic GPU's profiler writes a trace of each
   warpgroup's phases (unpack, issue, wait, rescale per group) there, in cycles
   (`bench/w4a4_timeline.py` reads it).
+
+  With `block_sizes.decode_tiling` the product runs on the W4A16 kernel instead
+  (`_w4a4_on_weight_only_kernel`), for a few tokens.
   """
   interpret = _interpret_mode(interpret)
   require_hopper(interpret)
   bs = block_sizes or MosaicW4A4BlockSizes.get_default(
       w_codes.shape[0], x_codes.shape[0], x_scales.shape[1],
       0 if x_out is None else x_out.shape[1], group_size)
+  if profile_dir and not bs.register_weights:
+    raise ValueError(f"profile_dir={profile_dir!r} traces the register-weights kernel only; "
+                     f"block_sizes={bs} picks another one")
+  if bs.decode_tiling is not None:
+    return _w4a4_on_weight_only_kernel(x_codes, x_scales, w_codes, w_scales, x_out,
+                                       x_out_scales, w_out, w_out_scales,
+                                       group_size=group_size, out_dtype=out_dtype,
+                                       tiling=bs.decode_tiling, interpret=interpret)
   check_w4a4(x_codes, x_scales, w_codes, w_scales, x_out, x_out_scales, w_out, w_out_scales,
              group_size=group_size, block_sizes=bs)
   if bs.register_weights:
@@ -727,9 +778,6 @@ def w4a4_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
                                   w_out, w_out_scales, group_size=group_size,
                                   out_dtype=out_dtype, bs=bs, interpret=interpret,
                                   profile_dir=profile_dir)
-  if profile_dir:
-    raise ValueError(f"profile_dir={profile_dir!r} traces the register-weights kernel only; "
-                     f"block_sizes={bs} picks the other one")
   g, bm, bn = group_size, bs.block_m, bs.block_n
   m, n = x_codes.shape[0], w_codes.shape[0]
   n_groups = x_scales.shape[1]
@@ -837,6 +885,31 @@ def w4a4_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array,
       interpret=interpret,
   )(*operands)
   return out[:m]
+
+
+def _w4a4_on_weight_only_kernel(x_codes, x_scales, w_codes, w_scales, x_out, x_out_scales,
+                                w_out, w_out_scales, *, group_size: int, out_dtype,
+                                tiling: MosaicBlockSizes, interpret) -> jax.Array:
+  """Atom W4A4 for a few tokens on the W4A16 kernel (`MosaicW4A4BlockSizes.decode_tiling`):
+  the activation codes as exact bf16 integers, each group's partial scaled by the weight
+  and activation group scales in the kernel; the int8 tail by XLA."""
+  reference.validate_w4a4(x_codes, x_scales, w_codes, w_scales, x_out, x_out_scales,
+                          w_out, w_out_scales, group_size=group_size)
+  x = reference.unpack_4bit(x_codes, group_size).astype(jnp.bfloat16)   # [M, K_main]
+  check(x, w_codes, w_scales, None, bits=4, group_size=group_size, block_sizes=tiling)
+  m = x.shape[0]
+  x_operand, w4, scales = kernel_operands(x, w_codes, w_scales, group_size=group_size,
+                                          block_sizes=tiling, interpret=interpret)
+  mp = x_operand.shape[1] if interpret else x_operand.shape[0]
+  partials = partial_products(
+      x_operand, w4, scales, group_size=group_size, block_sizes=tiling, interpret=interpret,
+      token_scales=token_scale_operand(x_scales, mp, tiling.groups_per_step))
+  out = partials.sum(axis=0)[:, :m].T                                   # f32 [M, N]
+  if x_out is not None:
+    tail = lax.dot_general(x_out, w_out, (((1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.int32)
+    out = out + tail.astype(jnp.float32) * x_out_scales * w_out_scales.T
+  return out.astype(out_dtype)
 
 
 # The register-weights W4A4 kernel (MosaicW4A4BlockSizes.register_weights): the weights are
