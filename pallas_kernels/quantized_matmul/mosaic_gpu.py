@@ -31,12 +31,13 @@ of a group is code j + h * g/2; x is permuted the same way (a transpose of [g/2,
 each group), which leaves the product unchanged. Asymmetric codes and 8-bit codes are
 refused (NotImplementedError: an implementation order falls through to the next).
 
-Measured on an H200 (bench/results/quantized_matmul.md, runs 10-33): in GPU time (run 33)
-the kernel alone reads at 51-68% of the datasheet bandwidth (its TMA ring alone, with no
-compute, reads at 71-83%: run 29, so the program's instructions and waits bound it), and
-its three XLA glue kernels (x permutation, scale transpose, split-K sum; `direct_scales`
-drops the transpose) add 4.6-11.2 µs, so the op is 1.76-2.39x XLA bf16 at M = 1-16 on
-14336x4096, 4096x14336 and 28672x8192 (Triton: 1.2-1.4x). It is slower than Triton on
+Measured on an H200 (bench/results/quantized_matmul.md, runs 10-53): in GPU time the
+kernel alone reads at 51-68% of the datasheet bandwidth (its TMA ring alone, with no
+compute, reads at 71-83%: run 29). Each program waits 1.0-1.6 µs for its first data
+before its steps keep up with HBM (run 51's timeline), hence fewer, longer programs by
+default (runs 52-53). Its three XLA glue kernels (x permutation, scale transpose, split-K
+sum; `direct_scales` drops the transpose) add 4.7-9.2 µs, so the op is 1.79-2.43x XLA bf16
+at M = 1-16 on 14336x4096, 4096x14336 and 28672x8192 (run 53; Triton: 1.2-1.4x). It is slower than Triton on
 4096x4096, so the dispatcher puts it first on the large projections only
 (api.MOSAIC_W4A16_MIN_WEIGHTS).
 
