@@ -652,17 +652,25 @@ class Bench:
         for label, kernel, bs in self.w4a16_decode_candidates(m, n, k, g):
           op = functools.partial(kernel.weight_only_matmul, bits=4, group_size=g,
                                  block_sizes=bs, interpret=self.interpret)
-          err = self.guarded(f"{label} M={m} {n}x{k}", lambda: rel_err(op(*sets[0]), want))
-          if err is None or not err <= CHECK_TOLERANCE:
-            self.failures.append(f"{label} M={m} {n}x{k}: rel_err={err}")
-            continue
-          res = self.guarded(f"{label} device M={m} {n}x{k}",
-                             lambda: common.device_kernel_times(op, sets, calls=calls))
-          if res:
-            kernels = _kernel_us(res[1])
-            self.record(case, label, "xla_bf16", res[0], base[0], flops, nbytes,
-                        block_sizes=bs.__dict__, kernels=kernels, rel_err=err)
-            print("    kernels (us/call):", kernels, flush=True)
+          self.check_and_time_device(case, label, op, sets, want, base[0], flops, nbytes,
+                                     calls, block_sizes=bs.__dict__)
+
+  def check_and_time_device(self, case, label, op, sets, want, base_ms, flops, nbytes, calls,
+                            **fields):
+    """`op` on the first set against `want`; if within CHECK_TOLERANCE, its GPU kernel
+    time per call over `sets` recorded against the baseline (XLA bf16), kernels listed."""
+    where = f"{case['op']} {label} M={case['m']} {case['n']}x{case['k']}"
+    err = self.guarded(where, lambda: rel_err(op(*sets[0]), want))
+    if err is None or not err <= CHECK_TOLERANCE:
+      self.failures.append(f"{where}: rel_err={err}")
+      return
+    res = self.guarded(f"{where} device",
+                       lambda: common.device_kernel_times(op, sets, calls=calls))
+    if res:
+      kernels = _kernel_us(res[1])
+      self.record(case, label, "xla_bf16", res[0], base_ms, flops, nbytes, kernels=kernels,
+                  rel_err=err, **fields)
+      print("    kernels (us/call):", kernels, flush=True)
 
   def w4a16_configs(self, m, n, k, g):
     default = BlockSizes.get_default("weight_only", m, n, k, group_size=g, bits=4)
@@ -870,18 +878,8 @@ class Bench:
             mosaic_gpu.w4a4_matmul, group_size=g, block_sizes=bs))
             for bs in w4a4_decode_tilings(n, k_main, g)]
         for label, op in candidates:
-          err = self.guarded(f"w4a4 {label} M={m} {n}x{k}",
-                             lambda: rel_err(op(*sets[0]), want))
-          if err is None or not err <= CHECK_TOLERANCE:
-            self.failures.append(f"w4a4 {label} M={m} {n}x{k}: rel_err={err}")
-            continue
-          res = self.guarded(f"w4a4 {label} device M={m} {n}x{k}",
-                             lambda: common.device_kernel_times(op, sets, calls=calls))
-          if res:
-            kernels = _kernel_us(res[1])
-            self.record(case, label, "xla_bf16", res[0], base[0], flops, nbytes,
-                        kernels=kernels, rel_err=err)
-            print("    kernels (us/call):", kernels, flush=True)
+          self.check_and_time_device(case, label, op, sets, want, base[0], flops, nbytes,
+                                     calls)
 
 
 def profile_decode(n=14336, k=4096, g=128, m=1, calls=3):
