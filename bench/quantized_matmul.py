@@ -639,21 +639,30 @@ class Bench:
         xs = [rand_x(m, k, i) for i in range(MOSAIC_ROTATIONS)]
         case = {"op": "w4a16", "m": m, "n": n, "k": k, "group_size": g, "symmetric": True,
                 "timing": "profiler kernel time per call"}
-        flops, io = 2 * m * n * k, 2 * m * k + 2 * m * n
-        nbytes = n * k // 2 + n * (k // g) * 4 + io
-        base = self.guarded(f"bf16 device M={m} {n}x{k}", lambda: common.device_kernel_times(
-            xla_bf16, [(x, wb[i % len(wb)]) for i, x in enumerate(xs)], calls=calls))
-        if base is None:
+        flops = 2 * m * n * k
+        nbytes = n * k // 2 + n * (k // g) * 4 + 2 * m * k + 2 * m * n
+        base_ms = self.bf16_device_baseline(case, xs, wb, calls)
+        if base_ms is None:
           continue
-        self.record({**case, "op": "bf16"}, "xla_bf16", "xla_bf16", base[0], base[0], flops,
-                    2 * n * k + io, kernels=_kernel_us(base[1]))
         sets = [(x, *wsets[i][:2]) for i, x in enumerate(xs)]
         want = reference.weight_only_matmul(*sets[0], bits=4, group_size=g)
         for label, kernel, bs in self.w4a16_decode_candidates(m, n, k, g):
           op = functools.partial(kernel.weight_only_matmul, bits=4, group_size=g,
                                  block_sizes=bs, interpret=self.interpret)
-          self.check_and_time_device(case, label, op, sets, want, base[0], flops, nbytes,
+          self.check_and_time_device(case, label, op, sets, want, base_ms, flops, nbytes,
                                      calls, block_sizes=bs.__dict__)
+
+  def bf16_device_baseline(self, case, xs, wb, calls):
+    """XLA's bf16 dot on the activations `xs` (weights `wb` in turn) as GPU kernel time per
+    call, recorded as the case's "bf16" row; its ms, or None if it failed."""
+    m, n, k = case["m"], case["n"], case["k"]
+    base = self.guarded(f"bf16 device M={m} {n}x{k}", lambda: common.device_kernel_times(
+        xla_bf16, [(x, wb[i % len(wb)]) for i, x in enumerate(xs)], calls=calls))
+    if base is None:
+      return None
+    self.record({**case, "op": "bf16"}, "xla_bf16", "xla_bf16", base[0], base[0],
+                2 * m * n * k, 2 * n * k + 2 * m * k + 2 * m * n, kernels=_kernel_us(base[1]))
+    return base[0]
 
   def check_and_time_device(self, case, label, op, sets, want, base_ms, flops, nbytes, calls,
                             **fields):
@@ -862,12 +871,9 @@ class Bench:
                 "timing": "profiler kernel time per call"}
         flops = 2 * m * n * k
         nbytes = n * k_main // 2 + n * n_out + 4 * n * (k_main // g + 1) + m * k + 2 * m * n
-        base = self.guarded(f"bf16 device M={m} {n}x{k}", lambda: common.device_kernel_times(
-            xla_bf16, [(x, wb[i % len(wb)]) for i, x in enumerate(xb)], calls=calls))
-        if base is None:
+        base_ms = self.bf16_device_baseline(case, xb, wb, calls)
+        if base_ms is None:
           continue
-        self.record({**case, "op": "bf16"}, "xla_bf16", "xla_bf16", base[0], base[0], flops,
-                    2 * n * k + 2 * m * k + 2 * m * n, kernels=_kernel_us(base[1]))
         sets = [(xa[i][0], xa[i][1], ws[i][0], ws[i][1], xa[i][2], xa[i][3], ws[i][2],
                  ws[i][3]) for i in range(MOSAIC_ROTATIONS)]
         want = reference.w4a4_matmul(*sets[0], group_size=g)
@@ -878,7 +884,7 @@ class Bench:
             mosaic_gpu.w4a4_matmul, group_size=g, block_sizes=bs))
             for bs in w4a4_decode_tilings(n, k_main, g)]
         for label, op in candidates:
-          self.check_and_time_device(case, label, op, sets, want, base[0], flops, nbytes,
+          self.check_and_time_device(case, label, op, sets, want, base_ms, flops, nbytes,
                                      calls)
 
 
