@@ -30,8 +30,8 @@ Usage (GPU):  PYTHONUNBUFFERED=1 python3 -m bench.quantized_matmul --out $OUT
   --only check,mosaic_device         the W4A16 decode candidates as GPU kernel time per
                                      call from a profiler trace, with each op's kernels;
   --only check,mosaic_w4a4_decode    Atom W4A4 at M = 1, 4, 16 the same way: XLA bf16,
-                                     Triton, the Mosaic default and the product on the
-                                     W4A16 kernel (`decode_tiling`);
+                                     Triton, the Mosaic default (the product on the
+                                     W4A16 kernel) and `w4a4_decode_tilings`;
   --only profile, profile_mosaic     a few plain calls for Nsight Compute (run with
                                      XLA_PYTHON_CLIENT_PREALLOCATE=false under ncu).
 CPU smoke test on tiny shapes (interpret mode):  python3 -m bench.quantized_matmul --tiny
@@ -271,18 +271,16 @@ MOSAIC_W4A4_CHECKS = [  # m, n, k_main, n_out, block sizes
 
 
 def w4a4_decode_tilings(n, k_main, g=128):
-  """W4A16-kernel tilings for Atom W4A4 at a few tokens (`decode_tiling`): the W4A16
-  default for K_main (one group per step where the 128-channel tail leaves an odd group
-  count), a deeper ring without split-K, and split-K by the largest divisor of the group
-  count up to 16 (31 groups have none but 1)."""
-  n_groups = k_main // g
-  divisor = max(d for d in range(1, 17) if n_groups % d == 0)
-  tilings = [mosaic_gpu.MosaicBlockSizes.get_default(n, k_main, g),
-             mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=6, split_k=1,
-                                         register_unpack=True),
-             mosaic_gpu.MosaicBlockSizes(block_n=64, max_concurrent_steps=4,
-                                         split_k=divisor, register_unpack=True)]
-  return [_w4a4(decode_tiling=t) for t in dict.fromkeys(tilings)]
+  """Alternatives to the default at a few tokens (`mosaic_gpu.w4a4_decode_tiling`): the W4A4
+  kernels' 64-token tiles (the default before run 55), and on the W4A16 kernel its own
+  default for K_main (one group per step, 3-deep ring, `default_split_k` where the
+  128-channel tail leaves an odd group count) and a 6-deep ring without split-K."""
+  default = mosaic_gpu.MosaicW4A4BlockSizes.get_default(n, 1, k_main // g, 0, g)
+  tilings = [_w4a4(block_n=128, x_int8=True),
+             _w4a4(decode_tiling=mosaic_gpu.MosaicBlockSizes.get_default(n, k_main, g)),
+             _w4a4(decode_tiling=mosaic_gpu.MosaicBlockSizes(
+                 block_n=64, max_concurrent_steps=6, split_k=1, register_unpack=True))]
+  return [t for t in dict.fromkeys(tilings) if t != default]
 
 
 def mosaic_scaled_label(bs):
@@ -856,9 +854,9 @@ class Bench:
 
   def w4a4_decode_device(self, shapes, ms, n_out=128, g=128, calls=64):
     """Atom W4A4 (+ n_out int8 outliers) at a few tokens, as GPU kernel time per call
-    (`common.device_kernel_times`): XLA bf16, the Triton kernel, the Mosaic W4A4 default,
-    and the product on the W4A16 kernel (`w4a4_decode_tilings`), each checked against the
-    reference first."""
+    (`common.device_kernel_times`): XLA bf16, the Triton kernel, the Mosaic default (the
+    product on the W4A16 kernel) and its alternatives (`w4a4_decode_tilings`), each checked
+    against the reference first."""
     for (n, k) in shapes:
       k_main = k - n_out
       ws = [rand_w4a4(n, k_main, n_out, g, i, "w") for i in range(MOSAIC_ROTATIONS)]

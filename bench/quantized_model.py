@@ -23,7 +23,9 @@ Lines in <out>/quantized_model.jsonl (DESIGN.md format); a summary table on stdo
 `--variants` adds rows for a format run with one dispatch default swapped in this process
 (an experiment on where the time goes): "w8a8/xla_quantizer" quantizes activations with
 the XLA reference, which XLA fuses into the ops before it (the RMSNorm, the residual add),
-instead of the Pallas kernel (one more launch per linear); "w4a4/triton",
+instead of the Pallas kernel (one more launch per linear); "w4a4/w4a4_kernels_at_decode"
+runs a few tokens on the W4A4 kernels' 64-token tiles (the default before run 55) instead
+of the W4A16 kernel; "w4a4/triton",
 "w4a16/triton" and "w8a8/triton" run the Pallas-Triton matmul where the default runs the
 Mosaic GPU one; "w4a16/direct_scales" runs the Mosaic GPU W4A16 kernel with
 `direct_scales` (no XLA transpose of the scales).
@@ -115,23 +117,11 @@ class _SplitK8BlockSizes(mosaic_gpu.MosaicBlockSizes):
     return bs
 
 
-class _DecodeOnW4A16KernelBlockSizes(mosaic_gpu.MosaicW4A4BlockSizes):
-  """The Mosaic W4A4 default, with up to 16 tokens on the W4A16 kernel (`decode_tiling`,
-  its default tiling for K_main; for w4a4/decode_on_w4a16_kernel)."""
-
-  @classmethod
-  def get_default(cls, n, m, n_groups=1, n_out=0, group_size=128):
-    if m > 16:
-      return super().get_default(n, m, n_groups, n_out, group_size)
-    return cls(decode_tiling=mosaic_gpu.MosaicBlockSizes.get_default(
-        n, n_groups * group_size, group_size))
-
-
 VARIANTS = {"w8a8/xla_quantizer": ("w8a8", xla_quantizer),
             "w4a4/triton": ("w4a4", lambda: common.patched(
                 (lowbit_nn, "W4A4_KERNELS", {**lowbit_nn.W4A4_KERNELS, "gpu": ("pallas_gpu",)}))),
-            "w4a4/decode_on_w4a16_kernel": ("w4a4", lambda: common.patched(
-                (mosaic_gpu, "MosaicW4A4BlockSizes", _DecodeOnW4A16KernelBlockSizes))),
+            "w4a4/w4a4_kernels_at_decode": ("w4a4", lambda: common.patched(
+                (mosaic_gpu, "W4A4_DECODE_MAX_M", 0))),
             "w4a16/triton": ("w4a16", lambda: common.patched((qmm_api, "MOSAIC_W4A16_MAX_M", 0))),
             "w4a16/direct_scales": ("w4a16", lambda: common.patched(
                 (mosaic_gpu, "MosaicBlockSizes", _DirectScalesBlockSizes))),

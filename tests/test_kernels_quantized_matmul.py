@@ -447,7 +447,8 @@ def test_mosaic_gpu_w4a4_interpret(m, n, k_main, n_out, g, bs):
 
 
 def test_mosaic_gpu_w4a4_refuses_and_lowers():
-  args = random_w4a4(("mw4a4r",), 4, 128, 256, 24, 128)
+  # 20 tokens: above W4A4_DECODE_MAX_M, where the W4A16 kernel (any tail width) serves.
+  args = random_w4a4(("mw4a4r",), 20, 128, 256, 24, 128)
   with pytest.raises(NotImplementedError, match="n_out=24"):
     mosaic_gpu.w4a4_matmul(*args)
   with pytest.raises(NotImplementedError, match="N=128"):
@@ -486,11 +487,10 @@ def test_mosaic_gpu_w4a4_refuses_and_lowers():
   decode_shapes = (sds((4, 1984), I8), sds((4, 31), F32), sds((4096, 1984), I8),
                    sds((4096, 31), F32), sds((4, 128), I8), sds((4, 1), F32),
                    sds((4096, 128), I8), sds((4096, 1), F32))
-  on_w4a16 = MosaicW4A4BlockSizes(decode_tiling=MosaicBlockSizes.get_default(4096, 3968))
   for bs, operands in ((None, shapes),  # the register-weights kernel, 4 steps
                        (MosaicW4A4BlockSizes(block_m=64, block_n=128, x_int8=True), shapes),
                        (None, even_shapes),  # two groups per step
-                       (on_w4a16, decode_shapes)):  # 31 groups: one per step
+                       (None, decode_shapes)):  # the W4A16 kernel, one group per step
     fn = functools.partial(mosaic_gpu.w4a4_matmul, group_size=128, block_sizes=bs)
     text = jax.jit(fn).trace(*operands).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
@@ -589,8 +589,21 @@ def test_mosaic_gpu_default_tiling_and_hopper_guard(monkeypatch):
       max_concurrent_steps=2)
   assert MosaicW4A4BlockSizes.get_default(4160, 4096) == MosaicW4A4BlockSizes(
       block_m=128, block_n=64, x_int8=True)
-  assert MosaicW4A4BlockSizes.get_default(14336, 1) == MosaicW4A4BlockSizes(x_int8=True)
+  assert MosaicW4A4BlockSizes.get_default(14336, 32) == MosaicW4A4BlockSizes(x_int8=True)
   assert MosaicW4A4BlockSizes.get_default(200, 4096).block_n == 40
+  # Up to 16 tokens the product runs on the W4A16 kernel: its own default where the
+  # groups pair up, else one group per step and the least split-K that fills the SMs.
+  on_w4a16 = lambda **tiling: MosaicW4A4BlockSizes(decode_tiling=MosaicBlockSizes(
+      block_n=64, max_concurrent_steps=4, register_unpack=True, **tiling))
+  assert MosaicW4A4BlockSizes.get_default(14336, 1, 31, 128) == on_w4a16(split_k=1)
+  assert MosaicW4A4BlockSizes.get_default(4096, 16, 111, 128) == on_w4a16(split_k=3)
+  assert MosaicW4A4BlockSizes.get_default(4096, 4, 31, 128) == on_w4a16(split_k=1)
+  assert MosaicW4A4BlockSizes.get_default(4096, 1, 32, 0) == MosaicW4A4BlockSizes(
+      decode_tiling=MosaicBlockSizes.get_default(4096, 4096))
+  # Where the W4A16 kernel does not serve (N not a multiple of 64, groups of 32), the
+  # W4A4 kernels' tiles.
+  assert MosaicW4A4BlockSizes.get_default(200, 1).decode_tiling is None
+  assert MosaicW4A4BlockSizes.get_default(4096, 1, 124, 0, 32).decode_tiling is None
   # On a GPU that is not sm_90 the kernels refuse (NotImplementedError: the next
   # implementation serves) before lowering anything.
   ampere = types.SimpleNamespace(compute_capability="8.0", device_kind="NVIDIA A100")

@@ -60,7 +60,8 @@ MOSAIC_BLOCK_SIZES = {"weight_only_matmul": MosaicBlockSizes,
 MOSAIC_W4A16_MAX_M = 16
 MOSAIC_W4A16_MIN_WEIGHTS = 1 << 25
 # Atom W4A4 through Mosaic GPU: 2.3-2.6x the Triton kernel at M = 1024 and 4096 (run 17),
-# so it goes first on a GPU; a case it does not serve falls through to Triton. The cost of
+# 2.2-5.9x at M = 1-16 with the product on the W4A16 kernel (run 55), so it goes first on
+# a GPU; a case it does not serve falls through to Triton. The cost of
 # the Mosaic GPU kernels is compile time: the first forward of 4 Llama-3-8B layers took
 # 6.9 s against Triton's 1.9 s (quantized_model.md, model_i; 42.5 s before the Mosaic
 # entry points were jitted, which shares their lowering across identical call sites).

@@ -1,7 +1,7 @@
 """Quantized matmuls on Hopper through Mosaic GPU: W4A16 (a TMA load ring and wgmma with
-the weights in registers), Atom W4A4 (`w4a4_matmul`) and W8A8 / FP8 (`scaled_matmul`: a
-warp-specialized pipeline, two wgmma warpgroups, one program per SM), the last two at the
-end of this file.
+the weights in registers), Atom W4A4 (`w4a4_matmul`; up to 16 tokens on the W4A16 kernel)
+and W8A8 / FP8 (`scaled_matmul`: a warp-specialized pipeline, two wgmma warpgroups, one
+program per SM), the last two at the end of this file.
 
 Why a second GPU backend: every Pallas-Triton W4A16 variant stays at 25-35% of HBM at
 decode sizes (bench/results/quantized_matmul.md), because Triton waits for each group's
@@ -627,7 +627,8 @@ class MosaicW4A4BlockSizes:
       activation codes to bf16 (exact for 4-bit codes), the kernel takes each group's
       float32 partial (exact: integer products and sums below 2^24) times w_scale x
       act_scale, and XLA adds the int8 tail. The other fields are then unused. The W4A4
-      kernels' tiles hold 64 or 128 tokens; this one pads the tokens to 8.
+      kernels' tiles hold 64 or 128 tokens; this one pads the tokens to 8. The default
+      up to W4A4_DECODE_MAX_M tokens (`w4a4_decode_tiling`).
   """
   block_m: int = 64
   block_n: int = 128
@@ -661,7 +662,9 @@ class MosaicW4A4BlockSizes:
   @classmethod
   def get_default(cls, n: int, m: int, n_groups: int = 1, n_out: int = 0,
                   group_size: int = 128) -> "MosaicW4A4BlockSizes":
-    """Above 64 tokens and on N a multiple of 128, the register-weights kernel with 128
+    """Up to W4A4_DECODE_MAX_M tokens, where N is a multiple of 64 and the W4A16 kernel
+    takes the group size: the product on the W4A16 kernel (`w4a4_decode_tiling`).
+    Above 64 tokens and on N a multiple of 128, the register-weights kernel with 128
     tokens per program (runs 34-37: 1.25-1.33x the first kernel's best tiling at M = 1024
     and 4096 on the four Llama-3-8B shapes): two groups per step and a 2-deep ring where
     the group count is even (run 36: 3-5% ahead of one group and 4 steps), else 4 steps
@@ -669,6 +672,8 @@ class MosaicW4A4BlockSizes:
     Otherwise the first kernel: x unpacked by XLA (run 17: 1.10-1.17x faster at equal
     tiles), 128 x 64 tiles above 64 tokens, else 64 x 128 (less padding of few tokens);
     the widest multiple of 8 up to that block_n that divides N."""
+    if m <= W4A4_DECODE_MAX_M and n % WGMMA_ROWS == 0 and group_size in GROUP_SIZES:
+      return cls(decode_tiling=w4a4_decode_tiling(n, n_groups, group_size))
     if m > 64 and n % (W4A4_ROWS_PER_WG * W4A4_COMPUTE_WGS) == 0:
       for steps, per_step in ((2, 2), (4, 1), (3, 1), (2, 1)):
         bs = cls(block_m=128, block_n=W4A4_ROWS_PER_WG * W4A4_COMPUTE_WGS,
@@ -680,6 +685,30 @@ class MosaicW4A4BlockSizes:
     block_m, widest = (128, 64) if m > 64 else (64, 128)
     block_n = next((bn for bn in range(widest, 0, -TOKEN_MULTIPLE) if n % bn == 0), widest)
     return cls(block_m=block_m, block_n=block_n, x_int8=True)
+
+
+# Atom W4A4 with up to this many tokens runs on the W4A16 kernel by default. Run 55 (H100,
+# 128 outlier channels, M = 1-16): 1.68-1.85x XLA bf16 on 14336x4096, 1.46-1.63x on
+# 4096x14336 and 0.72-0.79x on 4096x4096, against 0.39-1.19x for the W4A4 kernels' tiles
+# of 64 tokens; a 4-layer Llama-3-8B decode step 1.93 -> 1.36 ms (model_p, before the
+# split-K of `w4a4_decode_tiling`).
+W4A4_DECODE_MAX_M = 16
+
+
+def w4a4_decode_tiling(n: int, n_groups: int, group_size: int) -> MosaicBlockSizes:
+  """The W4A16-kernel tiling for Atom W4A4 at a few tokens: the W4A16 default for
+  K_main = n_groups x group_size where it pairs groups; else (the odd group counts that
+  Atom's 128-channel tail leaves, e.g. 31, 63, 111) one group per step, a 4-deep ring and
+  the smallest split-K up to 16 that divides the groups and fills every SM once, else the
+  largest (run 55, H100: on 4096x14336 split-K 3 took 28 against 51 µs for none; on
+  14336x4096 a 4-deep ring 24.2 against 25.9 µs for 6 and 28.0 for 3)."""
+  paired = MosaicBlockSizes.get_default(n, n_groups * group_size, group_size)
+  if paired.groups_per_step > 1:
+    return paired
+  divisors = [d for d in range(1, 17) if n_groups % d == 0]
+  split = next((d for d in divisors if n // WGMMA_ROWS * d >= NUM_SMS), divisors[-1])
+  return MosaicBlockSizes(block_n=WGMMA_ROWS, split_k=split, max_concurrent_steps=4,
+                          register_unpack=True)
 
 
 # int8 wgmma takes K in steps of 32.
